@@ -1,0 +1,584 @@
+"""Generic discovery of activation neurons, and the traced forward pass that gates them.
+
+Khakzar et al. (CVPR 2021, Sec. 3) call every element of every rectifier output a
+*neuron*: for a conv layer, one channel at one spatial position. This module finds
+those outputs in any model without knowing its architecture.
+
+How activations are found
+-------------------------
+While the model runs, a :class:`torch.overrides.TorchFunctionMode` sees every call of
+a torch function. A call is an *activation* when the function is one of the
+rectifier-type nonlinearities of :data:`ACTIVATION_KINDS` — whether the model calls it
+through a module (``nn.ReLU``, ``nn.ReLU6``, timm's ``BatchNormAct2d.act``, ...) or
+functionally (``F.relu``, ``torch.relu``, ``x.relu()``, ...). No module types are
+listed and nothing is monkey-patched.
+
+Each activation call is identified by its *site*: the stack of modules executing at
+the time (maintained by forward pre/post hooks that live only inside
+:class:`ActivationTracer`), the line of model code that made the call (the first
+stack frame outside ``torch``), the activation kind, and - only for calls that share
+all of these, i.e. a loop running the same line in the same module - how many such
+calls came before in the same pass. A module reused at several places (torchvision
+ResNet's ``Bottleneck.relu`` runs three times per block) therefore gives one site per
+line that calls it, and masks are applied by site, never by counting calls of the
+module.
+
+Which nonlinearities are neurons (the documented choice)
+--------------------------------------------------------
+By default: ReLU, ReLU6 (and ``hardtanh`` with ``min_val == 0``, which is what
+``nn.ReLU6`` calls), LeakyReLU, GELU, SiLU, Hardswish, ELU, CELU, SELU and Mish: the
+elementwise rectifier family whose outputs carry the features. Gating
+nonlinearities (sigmoid, tanh, softmax, hardsigmoid) are *not* neurons: in
+squeeze-excitation blocks and attention they scale other features rather than carry
+their own. Pass ``activations=("relu",)`` to restrict the set.
+
+Dataflow to conv filters
+------------------------
+During the first pass the tracer also records which convolution or linear modules
+produced each activation's input, following the tensor through shape-preserving
+per-channel operations (batch/instance/group norm, dropout, residual additions,
+scalar scaling, pooling). For timm's ``conv -> BatchNormAct2d(ReLU6)`` the conv's
+filter ``f`` thus maps to channel ``f`` of the ReLU6 output; a residual sum feeding an
+activation maps to every conv on both branches. These :class:`Producer` links are
+what :mod:`captum_chains.pathways.overlap` uses.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from captum_chains._utils.model_state import frozen_eval
+from captum_chains.pathways._common import format_additional_args, format_inputs, require_module
+
+__all__ = [
+    "ACTIVATION_KINDS",
+    "DEFAULT_ACTIVATIONS",
+    "ActivationTracer",
+    "NeuronSite",
+    "Producer",
+    "discover_neurons",
+]
+
+_FUNCTION_KINDS: dict[Any, str] = {}
+
+
+def _register(kind: str, *functions: Any) -> None:
+    for function in functions:
+        _FUNCTION_KINDS[function] = kind
+
+
+_register("relu", F.relu, F.relu_, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
+_register("relu6", F.relu6)
+_register("hardtanh", F.hardtanh, F.hardtanh_)
+_register("leaky_relu", F.leaky_relu, F.leaky_relu_)
+_register("gelu", F.gelu)
+_register("silu", F.silu)
+_register("hardswish", F.hardswish)
+_register("elu", F.elu, F.elu_)
+_register("celu", F.celu, F.celu_)
+_register("selu", F.selu, F.selu_, torch.selu, torch.selu_)
+_register("mish", F.mish)
+
+ACTIVATION_KINDS: tuple[str, ...] = (
+    "relu",
+    "relu6",
+    "leaky_relu",
+    "gelu",
+    "silu",
+    "hardswish",
+    "elu",
+    "celu",
+    "selu",
+    "mish",
+)
+"""Every activation kind the tracer recognizes (``hardtanh(min_val=0)`` counts as ``relu6``)."""
+
+DEFAULT_ACTIVATIONS: tuple[str, ...] = ACTIVATION_KINDS
+"""The kinds whose outputs are neurons unless ``activations=`` says otherwise."""
+
+_UNIT_FUNCTIONS = frozenset(
+    {
+        "conv1d",
+        "conv2d",
+        "conv3d",
+        "conv_transpose1d",
+        "conv_transpose2d",
+        "conv_transpose3d",
+        "linear",
+    }
+)
+_PASS_THROUGH = frozenset(
+    {
+        "batch_norm",
+        "instance_norm",
+        "group_norm",
+        "dropout",
+        "dropout1d",
+        "dropout2d",
+        "dropout3d",
+        "alpha_dropout",
+        "feature_alpha_dropout",
+        "add",
+        "add_",
+        "__add__",
+        "__radd__",
+        "__iadd__",
+        "sub",
+        "sub_",
+        "__sub__",
+        "__isub__",
+        "mul",
+        "mul_",
+        "__mul__",
+        "__rmul__",
+        "__imul__",
+        "div",
+        "div_",
+        "__truediv__",
+        "__itruediv__",
+        "clone",
+        "contiguous",
+        "to",
+        "float",
+        "max_pool1d",
+        "max_pool2d",
+        "max_pool3d",
+        "_max_pool1d",
+        "_max_pool2d",
+        "_max_pool3d",
+        "avg_pool1d",
+        "avg_pool2d",
+        "avg_pool3d",
+    }
+)
+
+_TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
+_THIS_FILE = __file__
+
+
+@dataclass(frozen=True)
+class Producer:
+    """A conv or linear module whose output channels reach an activation one-to-one.
+
+    Attributes
+    ----------
+    module : str
+        Qualified name of the conv / linear module (``model.get_submodule(module)``).
+    dim : int
+        The channel dimension in the batched activation tensor (1 for convs, the
+        last one for linear layers).
+    channels : int
+        Number of output channels (filters) of the module.
+    """
+
+    module: str
+    dim: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class NeuronSite:
+    """One activation output of the model: a layer of neurons.
+
+    Attributes
+    ----------
+    name : str
+        Unique label. For an activation module it is the module's qualified name
+        (``"features.2"``, ``"blocks.1.0.bn1.act"``); for a functional call it is
+        ``"<calling module>:<kind>"`` (``"layer1.0:relu"``, ``"<model>:relu"`` at the
+        top level). Names shared by several sites get ``#0``, ``#1``, ... in forward
+        order.
+    module : str
+        Qualified name of the innermost module running when the activation was called.
+    kind : str
+        Activation kind (one of :data:`ACTIVATION_KINDS`).
+    location : str or None
+        ``file.py:line`` of the model code that made the call (``None`` when every
+        frame between the model call and the activation is inside ``torch``).
+    shape : tuple of int
+        Shape of the activation output for one example (the batch dimension dropped).
+    producers : tuple of Producer
+        Conv / linear modules whose outputs reach this activation channel-wise.
+    """
+
+    name: str
+    module: str
+    kind: str
+    location: str | None
+    shape: tuple[int, ...]
+    producers: tuple[Producer, ...] = ()
+    key: tuple = field(default=(), repr=False, compare=False)
+
+    @property
+    def numel(self) -> int:
+        """Number of neurons of one example."""
+        n = 1
+        for s in self.shape:
+            n *= int(s)
+        return n
+
+
+Handler = Callable[[int, Tensor], Tensor]
+"""``handler(site_index, activation_output) -> tensor the model continues with``."""
+
+
+def _identity_handler(index: int, out: Tensor) -> Tensor:
+    return out
+
+
+def _call_model(model: nn.Module, inputs: tuple[Tensor, ...], args: tuple[Any, ...]) -> Any:
+    return model(*inputs, *args)
+
+
+_CALL_MODEL_CODE = _call_model.__code__
+
+
+def _activation_kind(func: Any, args: tuple, kwargs: dict) -> str | None:
+    try:
+        kind = _FUNCTION_KINDS.get(func)
+    except TypeError:  # unhashable callables are never activations
+        return None
+    if kind == "hardtanh":
+        min_val = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        return "relu6" if float(min_val) == 0.0 else None
+    return kind
+
+
+def _call_location() -> tuple[tuple[str, int] | None, str | None]:
+    """The first frame of model code (outside torch and this file) above the call."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        code = frame.f_code
+        if code is _CALL_MODEL_CODE:
+            return None, None
+        filename = code.co_filename
+        if not filename.startswith(_TORCH_DIR) and filename != _THIS_FILE:
+            line = frame.f_lineno
+            return (filename, line), f"{os.path.basename(filename)}:{line}"
+        frame = frame.f_back
+    return None, None
+
+
+@dataclass
+class _Call:
+    key: tuple
+    kind: str
+    module: str
+    module_activation: bool
+    location: str | None
+    shape: tuple[int, ...]
+    producers: tuple[Producer, ...]
+
+
+class _Mode(TorchFunctionMode):
+    def __init__(self, tracer: ActivationTracer) -> None:
+        super().__init__()
+        self._tracer = tracer
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        return self._tracer._intercept(func, args, kwargs or {})
+
+
+class ActivationTracer:
+    """Run a model with every activation output routed through a handler.
+
+    Use as a context manager: entering registers forward pre/post hooks on every
+    submodule (to know which module is running), leaving removes them in ``finally``.
+    Inside, :meth:`run` calls the model once. The first :meth:`run` defines the
+    :attr:`sites`; later runs must meet exactly the same sites (else ``RuntimeError``),
+    and hand each activation to ``handler(site_index, output)``, whose return value
+    replaces the activation in the rest of the forward pass.
+
+    The tracer does not change the model's mode or gradients; callers combine it with
+    :func:`captum_chains._utils.model_state.frozen_eval`.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; called as ``model(*inputs, *additional_forward_args)``.
+    activations : sequence of str
+        Activation kinds that are neurons (see :data:`ACTIVATION_KINDS`).
+    """
+
+    def __init__(self, model: nn.Module, activations: Sequence[str] = DEFAULT_ACTIVATIONS) -> None:
+        self.model = require_module(model, "ActivationTracer")
+        self.kinds = check_activations(activations)
+        self._names = {id(m): name for name, m in model.named_modules()}
+        self._modules = dict(model.named_modules())
+        self._handles: list[Any] = []
+        self._stack: list[str] = []
+        self._calls: list[_Call] = []
+        self._index: dict[tuple, int] = {}
+        self._sites: tuple[NeuronSite, ...] | None = None
+        self._defining = False
+        self._handler: Handler = _identity_handler
+        self._occurrences: Counter = Counter()
+        self._seen: set[int] = set()
+        self._origins: dict[int, tuple[Tensor, frozenset[Producer]]] = {}
+        self._active = False
+
+    # -- context -----------------------------------------------------------------
+    def __enter__(self) -> ActivationTracer:
+        if self._active:
+            raise RuntimeError("this ActivationTracer is already active")
+        try:
+            for module in self.model.modules():
+                self._handles.append(module.register_forward_pre_hook(self._push))
+                self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+        except BaseException:
+            self._remove_hooks()
+            raise
+        self._active = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._active = False
+        self._remove_hooks()
+
+    def _remove_hooks(self) -> None:
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+        self._stack.clear()
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(self._names.get(id(module), "?"))
+
+    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    # -- passes ------------------------------------------------------------------
+    def key(self, index: int) -> tuple:
+        """The site key of the activation ``index`` (usable inside a handler of any pass)."""
+        return self._calls[index].key
+
+    @property
+    def sites(self) -> tuple[NeuronSite, ...]:
+        """The activation sites met in the first :meth:`run`, in forward order."""
+        if self._sites is None:
+            raise RuntimeError("call run() once before reading the sites")
+        return self._sites
+
+    def run(
+        self,
+        inputs: tuple[Tensor, ...],
+        additional_forward_args: tuple[Any, ...] = (),
+        handler: Handler = _identity_handler,
+    ) -> Any:
+        """Call the model once with ``handler`` applied to every activation output."""
+        if not self._active:
+            raise RuntimeError("use the tracer as a context manager: `with tracer: ...`")
+        self._defining = self._sites is None
+        self._handler = handler
+        self._occurrences = Counter()
+        self._seen = set()
+        self._stack.clear()
+        try:
+            with _Mode(self):
+                output = _call_model(self.model, inputs, additional_forward_args)
+        finally:
+            self._origins = {}
+            self._handler = _identity_handler
+            self._stack.clear()
+        if self._defining:
+            self._define_sites()
+        elif len(self._seen) != len(self._sites or ()):
+            missing = [s.name for i, s in enumerate(self.sites) if i not in self._seen]
+            raise RuntimeError(
+                f"activation sites {missing[:5]} of the first pass were not reached; the "
+                "model's forward takes a different path now (data-dependent control flow "
+                "is not supported by critical pathways)"
+            )
+        return output
+
+    def _define_sites(self) -> None:
+        calls = self._calls
+        if not calls:
+            raise ValueError(
+                f"no activation neurons found in {type(self.model).__name__}'s forward pass; "
+                f"critical pathways need rectifier-type activations ({', '.join(self.kinds)})"
+                " called as modules or torch functions"
+            )
+        bases = []
+        for call in calls:
+            if call.module_activation:
+                bases.append(call.module or "<model>")
+            else:
+                bases.append(f"{call.module or '<model>'}:{call.kind}")
+        totals = Counter(bases)
+        counter: Counter = Counter()
+        sites = []
+        for call, base in zip(calls, bases, strict=True):
+            name = base
+            if totals[base] > 1:
+                name = f"{base}#{counter[base]}"
+                counter[base] += 1
+            sites.append(
+                NeuronSite(
+                    name=name,
+                    module=call.module,
+                    kind=call.kind,
+                    location=call.location,
+                    shape=call.shape,
+                    producers=call.producers,
+                    key=call.key,
+                )
+            )
+        self._sites = tuple(sites)
+
+    # -- interception ------------------------------------------------------------
+    def _intercept(self, func: Any, args: tuple, kwargs: dict) -> Any:
+        kind = _activation_kind(func, args, kwargs)
+        if kind is None or kind not in self.kinds:
+            out = func(*args, **kwargs)
+            if self._defining and isinstance(out, Tensor):
+                self._propagate(func, args, kwargs, out)
+            return out
+        out = func(*args, **kwargs)
+        if not isinstance(out, Tensor) or out.ndim == 0:
+            return out
+        index = self._site_index(kind, out, args)
+        replaced = self._handler(index, out)
+        if self._defining:
+            self._origins.pop(id(out), None)
+        return replaced
+
+    def _site_index(self, kind: str, out: Tensor, args: tuple) -> int:
+        stack = tuple(self._stack)
+        location_key, location = _call_location()
+        base = (stack, location_key, kind)
+        occurrence = self._occurrences[base]
+        self._occurrences[base] = occurrence + 1
+        key = (*base, occurrence)
+        if self._defining:
+            module_name = stack[-1] if stack else ""
+            module = self._modules.get(module_name)
+            module_activation = (
+                module is not None
+                and next(module.children(), None) is None
+                and next(module.parameters(recurse=False), None) is None
+            )
+            first = args[0] if args and isinstance(args[0], Tensor) else None
+            producers = self._producers_of(first) if first is not None else frozenset()
+            self._calls.append(
+                _Call(
+                    key=key,
+                    kind=kind,
+                    module=module_name,
+                    module_activation=module_activation,
+                    location=location,
+                    shape=tuple(out.shape[1:]),
+                    producers=tuple(sorted(producers, key=lambda p: p.module)),
+                )
+            )
+            self._index[key] = len(self._calls) - 1
+            return len(self._calls) - 1
+        index = self._index.get(key)
+        if index is None:
+            raise RuntimeError(
+                f"an activation ({kind} in module {stack[-1] if stack else '<model>'!r} at "
+                f"{location}) appeared that the first pass did not meet; the model's forward "
+                "takes a different path now (data-dependent control flow is not supported)"
+            )
+        self._seen.add(index)
+        return index
+
+    def _producers_of(self, tensor: Tensor) -> frozenset[Producer]:
+        entry = self._origins.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            return frozenset()
+        return entry[1]
+
+    def _propagate(self, func: Any, args: tuple, kwargs: dict, out: Tensor) -> None:
+        name = getattr(func, "__name__", "")
+        if name in _UNIT_FUNCTIONS:
+            module_name = self._stack[-1] if self._stack else ""
+            module = self._modules.get(module_name)
+            weight = args[1] if len(args) > 1 else kwargs.get("weight")
+            if module is not None and getattr(module, "weight", None) is weight and out.ndim >= 2:
+                dim = 1 if name.startswith("conv") else out.ndim - 1
+                producer = Producer(module_name, dim, int(out.shape[dim]))
+                self._origins[id(out)] = (out, frozenset({producer}))
+            return
+        if name not in _PASS_THROUGH:
+            return
+        found: set[Producer] = set()
+        for arg in (*args, *kwargs.values()):
+            if isinstance(arg, Tensor):
+                found |= self._producers_of(arg)
+        kept = frozenset(p for p in found if p.dim < out.ndim and out.shape[p.dim] == p.channels)
+        if kept:
+            self._origins[id(out)] = (out, kept)
+
+
+def check_activations(activations: Sequence[str]) -> tuple[str, ...]:
+    """Validate a set of activation kinds."""
+    if isinstance(activations, str):
+        activations = (activations,)
+    kinds = tuple(activations)
+    unknown = [k for k in kinds if k not in ACTIVATION_KINDS]
+    if unknown or not kinds:
+        raise ValueError(
+            f"unknown activation kinds {unknown}; choose a non-empty subset of {ACTIVATION_KINDS}"
+        )
+    return kinds
+
+
+@contextmanager
+def traced(
+    model: nn.Module, activations: Sequence[str] = DEFAULT_ACTIVATIONS
+) -> Iterator[ActivationTracer]:
+    """``frozen_eval(model)`` plus an :class:`ActivationTracer`, both undone on exit."""
+    with frozen_eval(model), ActivationTracer(model, activations) as tracer:
+        yield tracer
+
+
+def discover_neurons(
+    model: nn.Module,
+    inputs: Tensor | tuple[Tensor, ...],
+    additional_forward_args: Any = None,
+    activations: Sequence[str] = DEFAULT_ACTIVATIONS,
+) -> tuple[NeuronSite, ...]:
+    """List the activation sites (layers of neurons) of ``model`` on ``inputs``.
+
+    Runs one forward pass without gradients, in eval mode; the model is restored.
+
+    Parameters
+    ----------
+    model : nn.Module
+        Any PyTorch model.
+    inputs : Tensor or tuple of Tensor
+        Example inputs (one example suffices).
+    additional_forward_args : Any
+        Extra positional arguments of ``model.forward`` (Captum's convention).
+    activations : sequence of str
+        Activation kinds that are neurons.
+
+    Returns
+    -------
+    tuple of NeuronSite
+        In forward order.
+
+    Examples
+    --------
+    >>> sites = discover_neurons(model, x[:1])      # doctest: +SKIP
+    >>> [s.name for s in sites][:3]                 # doctest: +SKIP
+    ['features.2', 'features.5', 'features.9']
+    """
+    formatted, _ = format_inputs(inputs)
+    args = format_additional_args(additional_forward_args)
+    with traced(model, activations) as tracer, torch.no_grad():
+        tracer.run(formatted, args)
+    return tracer.sites
