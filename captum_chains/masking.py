@@ -79,9 +79,12 @@ def _per_region(value: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def mix(gate: torch.Tensor, output: torch.Tensor, identity: torch.Tensor) -> torch.Tensor:
-    """``G * output + (1 - G) * identity`` (Eq. 7), with per-region gates when ``G`` is 1-D."""
+    """``G * output + (1 - G) * identity`` (Eq. 7), with per-region gates when ``G`` is 1-D.
+
+    Written so that ``G = 1`` returns ``output`` and ``G = 0`` returns ``identity`` exactly.
+    """
     g = _per_region(gate, output)
-    return identity + g * (output - identity)
+    return g * output + (1 - g) * identity
 
 
 class _SiteHook:

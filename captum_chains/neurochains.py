@@ -448,7 +448,7 @@ class _Optimization:
                 active.tolist(),
             )
         now = time.perf_counter() - self.start
-        for r, (lo, k, l, g, kp, og, act) in enumerate(rows):
+        for r, (lo, k, l1, g, kp, og, act) in enumerate(rows):
             if act:
                 self.histories[r].append(
                     {
@@ -456,7 +456,7 @@ class _Optimization:
                         "step": step,
                         "loss": lo,
                         "kl": k,
-                        "l1": l,
+                        "l1": l1,
                         "gate_penalty": g,
                         "kept": kp,
                         "open_gates": og,

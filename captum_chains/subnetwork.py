@@ -64,7 +64,8 @@ class SubNetwork(nn.Module):
             )
         if gates_open.shape != (len(structure.gates),):
             raise ValueError(
-                f"gates_open must have shape [{len(structure.gates)}], got {tuple(gates_open.shape)}"
+                f"gates_open must have shape [{len(structure.gates)}], "
+                f"got {tuple(gates_open.shape)}"
             )
         object.__setattr__(self, "_model", model)
         self.structure = structure
@@ -132,7 +133,8 @@ class SubNetwork(nn.Module):
             rows.append((unit.name, unit.kind, str(int(kept.sum())), str(unit.size), status))
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         lines = [
-            f"SubNetwork of {type(self.model).__name__}: {self.num_filters}/{self.total_filters} units kept "
+            f"SubNetwork of {type(self.model).__name__}: "
+            f"{self.num_filters}/{self.total_filters} units kept "
             f"({100 * self.num_filters / max(self.total_filters, 1):.2f}%), "
             f"{len(removed)}/{len(self.structure.gates)} gated layers/blocks removed",
         ]

@@ -221,7 +221,9 @@ def test_tiny_relu_net_matches_closed_form(seed, percentile, batch, method):
     else:
         c1, c2 = hand_integrated(model, xn, cn, steps)
     np.testing.assert_allclose(res.contributions["act1"].numpy(), c1, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(res.contributions["<model>:relu"].numpy(), c2, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(
+        res.contributions["<model>:relu"].numpy(), c2, rtol=1e-10, atol=1e-12
+    )
     m1, m2 = hand_masks(c1, c2, percentile)
     np.testing.assert_array_equal(res.masks["act1"].numpy(), m1)
     np.testing.assert_array_equal(res.masks["<model>:relu"].numpy(), m2)
@@ -363,7 +365,9 @@ def test_batched_equals_per_sample(method):
     for i in range(4):
         single = cp.attribute(x[i : i + 1], target=int(target[i]), **kwargs)
         for name in batched.names:
-            torch.testing.assert_close(batched.contributions[name][i : i + 1], single.contributions[name])
+            torch.testing.assert_close(
+                batched.contributions[name][i : i + 1], single.contributions[name]
+            )
             assert torch.equal(batched.masks[name][i : i + 1], single.masks[name])
         torch.testing.assert_close(
             grads[i : i + 1], pg.attribute(x[i : i + 1], target=int(target[i]), **kwargs)
@@ -412,7 +416,9 @@ def test_tuple_inputs_and_additional_forward_args():
     torch.manual_seed(0)
     model = TwoInputNet().eval()
     x, z = torch.randn(4, 4), torch.randn(4, 3)
-    attr = PathwayGradient(model).attribute((x, z), target=2, additional_forward_args=2.0, percentile=0)
+    attr = PathwayGradient(model).attribute(
+        (x, z), target=2, additional_forward_args=2.0, percentile=0
+    )
     sal = Saliency(model).attribute(
         (x.clone().requires_grad_(), z.clone().requires_grad_()),
         target=2,
@@ -533,7 +539,7 @@ def test_bad_inputs_raise_clear_errors():
         PathwayGradient(model).attribute(x, target=[0, -1])
     with pytest.raises(ValueError, match="target=None"):
         cp.attribute(x)
-    with pytest.raises(ValueError, match="2 entries|examples"):
+    with pytest.raises(ValueError, match="3 entries but there are 2 examples"):
         cp.attribute(x, target=[0, 1, 2])
     with pytest.raises(ValueError, match="method"):
         cp.attribute(x, target=0, method="deeplift")
@@ -541,7 +547,7 @@ def test_bad_inputs_raise_clear_errors():
         cp.attribute(x, target=0, method="integrated", steps=0)
     with pytest.raises(ValueError, match="no activation neurons"):
         CriticalPathways(NoActivations()).attribute(torch.randn(2, 3), target=0)
-    with pytest.raises(TypeError, match="nn.Module"):
+    with pytest.raises(TypeError, match=r"nn\.Module"):
         CriticalPathways(lambda t: t)
     with pytest.raises(ValueError, match="activation kinds"):
         CriticalPathways(model, activations=("sigmoid",))

@@ -35,7 +35,7 @@ def format_inputs(inputs: Any) -> tuple[torch.Tensor, ...]:
             raise ValueError(
                 f"{where} is an empty batch (shape {tuple(t.shape)}); pass N >= 1 inputs"
             )
-        if not torch.isfinite(t).all():
+        if t.device.type != "meta" and not torch.isfinite(t).all():
             raise ValueError(f"{where} contains NaN or Inf values; clean or re-normalize them")
         if t.shape[0] != items[0].shape[0]:
             raise ValueError(
@@ -63,7 +63,7 @@ def check_device(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
 
 
 def check_conv_rank(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-    """Raise if a model whose first layer is a Conv2d receives inputs that are not ``[N, C, H, W]``."""
+    """Raise if inputs do not fit the rank and channels of the model's first convolution."""
     for module in model.modules():
         if isinstance(module, nn.modules.conv._ConvNd):
             expected = 2 + len(module.kernel_size)

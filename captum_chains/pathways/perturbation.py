@@ -255,7 +255,7 @@ def perturbation_curves(
 def captum_scores(
     model: nn.Module,
     inputs: Tensor,
-    explanation_func: Callable[..., Tensor],
+    explanation_func: Callable[..., Tensor] | None,
     attributions: Tensor,
     target: TargetType,
     n_perturb_samples: int = 10,
@@ -273,9 +273,11 @@ def captum_scores(
         The classifier (eval mode during the call, restored after).
     inputs : Tensor
         ``[N, ...]`` inputs.
-    explanation_func : callable
+    explanation_func : callable or None
         The method's ``attribute`` (called by ``sensitivity_max`` on perturbed inputs
-        with ``target=`` and ``explanation_kwargs``).
+        with ``target=`` and ``explanation_kwargs``); ``None`` skips sensitivity
+        (reported as NaN), e.g. for methods too slow to rerun ``n_perturb_samples``
+        times.
     attributions : Tensor
         The method's attributions of ``inputs`` (for infidelity); same shape as
         ``inputs`` (broadcast a 1-channel map before).
@@ -319,6 +321,11 @@ def captum_scores(
                 max_examples_per_batch=max_examples_per_batch,
                 normalize=True,
             )
+        if explanation_func is None:
+            return {
+                "infidelity": infid.detach().cpu(),
+                "sensitivity_max": torch.full((inputs.shape[0],), float("nan")),
+            }
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             sens = sensitivity_max(

@@ -3,13 +3,16 @@
 from captum_chains.units.adapters import ADAPTERS, AdapterResult
 from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
 from captum_chains.units.discovery import architecture_fingerprint, discover
+from captum_chains.units.vit import TokenLayout, token_layout  # registers the ViT adapter
 
 __all__ = [
     "ADAPTERS",
     "AdapterResult",
     "GateSpec",
     "ModelStructure",
+    "TokenLayout",
     "UnitLayer",
     "architecture_fingerprint",
     "discover",
+    "token_layout",
 ]

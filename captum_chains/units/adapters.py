@@ -12,7 +12,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from captum_chains.units.base import Family, GateSpec, UnitLayer
 from captum_chains.units.trace import Trace
@@ -31,3 +33,17 @@ class AdapterResult:
 Adapter = Callable[[nn.Module, Trace], "AdapterResult | None"]
 
 ADAPTERS: list[Adapter] = []
+
+InputCheck = Callable[[nn.Module, tuple[torch.Tensor, ...]], None]
+
+INPUT_CHECKS: list[InputCheck] = []
+"""Checks run by ``discover`` before its forward pass; each raises ``ValueError`` for inputs
+the model cannot take (e.g. an image size a ViT's patch embedding rejects)."""
+
+SiteHook = Callable[[nn.Module, Callable[[torch.Tensor], torch.Tensor]], RemovableHandle]
+
+SITE_HOOKS: dict[str, SiteHook] = {}
+"""Unit-site hooks beyond ``"output"``/``"input"``: ``SITE_HOOKS[unit.hook](module,
+transform)`` registers a hook on ``module`` that applies ``transform`` (the scores of the
+unit layers at that site) to a tensor the module computes internally, and returns its
+handle. Used for the heads of ``nn.MultiheadAttention`` (see ``units/vit.py``)."""

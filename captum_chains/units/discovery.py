@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from captum_chains._utils.model_state import frozen_eval
-from captum_chains.units.adapters import ADAPTERS, AdapterResult
+from captum_chains.units.adapters import ADAPTERS, INPUT_CHECKS, AdapterResult
 from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
 from captum_chains.units.trace import ModuleCall, Trace, trace_forward
 
@@ -90,6 +90,8 @@ def discover(
         If the model's output is not ``[N, C]`` logits, if it has no supported units, or
         if ``layers``/``gates`` name something that does not exist.
     """
+    for check in INPUT_CHECKS:
+        check(model, inputs)
     with frozen_eval(model):
         trace = trace_forward(model, inputs, additional_args)
     output = trace.output
@@ -342,7 +344,8 @@ def _select(
                 hint = difflib.get_close_matches(request, names, n=3)
                 raise ValueError(
                     f"layers= names {request!r}, which is no unit layer or module above one; "
-                    f"did you mean {hint}? Unit layers: {names[:8]}{'...' if len(names) > 8 else ''}"
+                    f"did you mean {hint}? Unit layers: {names[:8]}"
+                    + ("..." if len(names) > 8 else "")
                 )
             chosen |= match
         units = [u for u in units if u.name in chosen]

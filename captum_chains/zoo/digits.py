@@ -58,7 +58,7 @@ def load_digits_data(size: int = 32, test_fraction: float = 0.25) -> DigitsData:
     images = (images - 0.3) / 0.4
     labels = torch.tensor(digits.target, dtype=torch.long)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    n_test = int(round(test_fraction * len(labels)))
+    n_test = round(test_fraction * len(labels))
     test, train = order[:n_test], order[n_test:]
     return DigitsData(images[train], labels[train], images[test], labels[test])
 

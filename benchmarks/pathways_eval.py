@@ -1,0 +1,338 @@
+"""Evaluation of critical pathways and the pathway gradient (Khakzar et al., CVPR 2021).
+
+Prints, for the trained digits VGG and for EfficientNet-Lite0 (real ImageNet weights)
+on real photos:
+
+1. critical-pathway statistics: neurons, kept neurons, and how well the pathway
+   network alone reproduces the prediction (masked forward);
+2. the cascading-randomization sanity check (Adebayo et al. 2018): Spearman (signed,
+   absolute) and SSIM between the trained and the fully randomized model's maps;
+3. LeRF / MoRF pixel-perturbation AUCs;
+4. Captum's infidelity and sensitivity_max;
+
+for the pathway gradient (NeuronMCT and NeuronIntGrad pathways) next to Saliency,
+IntegratedGradients, Gradient x Input, GuidedBackprop and GradCAM.
+
+Usage::
+
+    python benchmarks/pathways_eval.py                    # both models (~30-40 min, 1 core)
+    python benchmarks/pathways_eval.py --model digits     # ~2 min
+    python benchmarks/pathways_eval.py --model effnet --no-intgrad-sanity
+
+Everything runs on CPU with ``--threads`` threads (default 1; the numbers do not
+depend on it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from captum.attr import (
+    GuidedBackprop,
+    InputXGradient,
+    IntegratedGradients,
+    LayerAttribution,
+    LayerGradCam,
+    Saliency,
+)
+from torch import Tensor, nn
+
+from captum_chains.pathways import (
+    CriticalPathways,
+    PathwayGradient,
+    captum_scores,
+    cascading_randomization,
+    perturbation_curves,
+)
+
+Explain = Callable[[nn.Module, Tensor, Tensor], Tensor]
+
+
+@dataclass
+class Setup:
+    name: str
+    model: nn.Module
+    inputs: Tensor
+    target: Tensor
+    sanity_inputs: Tensor
+    sanity_layers: list[str] | None
+    gradcam_layer: str
+    ig_steps: int
+    labels: list[str]
+
+
+def _gradcam(layer: str) -> Explain:
+    def explain(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+        module = model.get_submodule(layer)
+        cam = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
+        return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), "bilinear")
+
+    return explain
+
+
+def methods(setup: Setup, percentile: float) -> dict[str, tuple[Explain, Callable, dict]]:
+    """name -> (explain(model, x, target), attribute-function factory, extra kwargs)."""
+
+    def pg(method: str) -> Explain:
+        return lambda m, x, t: PathwayGradient(m).attribute(
+            x, target=t, percentile=percentile, method=method, internal_batch_size=22
+        )
+
+    def captum(cls, **kw) -> Explain:
+        return lambda m, x, t: cls(m).attribute(x.clone(), target=t, **kw).detach()
+
+    return {
+        "PathwayGrad (NeuronMCT)": (
+            pg("taylor"),
+            lambda m: PathwayGradient(m).attribute,
+            {"percentile": percentile},
+        ),
+        "PathwayGrad (NeuronIntGrad)": (
+            pg("integrated"),
+            lambda m: PathwayGradient(m).attribute,
+            {"percentile": percentile, "method": "integrated", "internal_batch_size": 22},
+        ),
+        "Saliency": (captum(Saliency, abs=False), lambda m: Saliency(m).attribute, {"abs": False}),
+        "IntegratedGradients": (
+            captum(IntegratedGradients, n_steps=setup.ig_steps),
+            lambda m: IntegratedGradients(m).attribute,
+            {"n_steps": setup.ig_steps},
+        ),
+        "Gradient x Input": (captum(InputXGradient), lambda m: InputXGradient(m).attribute, {}),
+        "GuidedBackprop": (captum(GuidedBackprop), lambda m: GuidedBackprop(m).attribute, {}),
+        "GradCAM": (_gradcam(setup.gradcam_layer), None, {}),
+    }
+
+
+def digits_setup(n: int, n_sanity: int) -> Setup:
+    from captum_chains.zoo import load_digits_data, train_digits_model
+
+    model = train_digits_model("vgg")
+    data = load_digits_data()
+    with torch.no_grad():
+        pred = model(data.x_test).argmax(1)
+    correct = torch.nonzero(pred == data.y_test).squeeze(1)
+    x = data.x_test[correct[:n]]
+    y = data.y_test[correct[:n]]
+    return Setup(
+        name="digits VGG",
+        model=model,
+        inputs=x,
+        target=y,
+        sanity_inputs=x[:n_sanity],
+        sanity_layers=None,  # every parameterized module, top first
+        gradcam_layer="features.19",
+        ig_steps=50,
+        labels=[str(int(v)) for v in y],
+    )
+
+
+EFFNET_PHOTOS = ("chelsea", "coffee", "motorcycle_left", "rocket", "china", "astronaut")
+
+
+def effnet_setup(n: int, n_sanity: int) -> Setup:
+    from captum_chains.data import preprocess, sample_photo
+    from captum_chains.pretrained import imagenet_categories, load_efficientnet_lite0
+
+    model = load_efficientnet_lite0()
+    x = torch.stack([preprocess(sample_photo(name)) for name in EFFNET_PHOTOS[:n]])
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    categories = imagenet_categories()
+    layers = ["classifier", "bn2", "conv_head"]
+    layers += [f"blocks.{i}" for i in range(len(model.blocks) - 1, -1, -1)]
+    layers += ["bn1", "conv_stem"]
+    return Setup(
+        name="EfficientNet-Lite0",
+        model=model,
+        inputs=x,
+        target=y,
+        sanity_inputs=x[:n_sanity],
+        sanity_layers=layers,
+        gradcam_layer="bn2",
+        ig_steps=32,
+        labels=[categories[int(i)] for i in y],
+    )
+
+
+def pathway_stats(setup: Setup, percentiles: tuple[float, ...]) -> list[dict]:
+    rows = []
+    cp = CriticalPathways(setup.model)
+    with torch.no_grad():
+        base = setup.model(setup.inputs).softmax(1)
+    base_p = base.gather(1, setup.target[:, None]).squeeze(1)
+    for method in ("taylor", "integrated"):
+        for p in percentiles:
+            start = time.time()
+            res = cp.attribute(
+                setup.inputs,
+                target=setup.target,
+                percentile=p,
+                method=method,
+                internal_batch_size=22,
+            )
+            seconds = time.time() - start
+            with torch.no_grad():
+                masked = cp.masked_forward(setup.inputs, res).softmax(1)
+            masked_p = masked.gather(1, setup.target[:, None]).squeeze(1)
+            zeros = sum(int((c == 0).flatten(1).sum(1).sum()) for c in res.contributions.values())
+            rows.append(
+                {
+                    "method": method,
+                    "percentile": p,
+                    "neurons": res.total_neurons,
+                    "kept": res.kept_per_example,
+                    "zero_contrib_frac": zeros / (res.total_neurons * res.batch_size),
+                    "same_class": float((masked.argmax(1) == setup.target).float().mean()),
+                    "prob_ratio": float((masked_p / base_p).mean()),
+                    "seconds_per_input": seconds / res.batch_size,
+                }
+            )
+    return rows
+
+
+def sanity(setup: Setup, table: dict, skip: set[str]) -> dict[str, dict]:
+    out = {}
+    for name, (explain, _, _) in table.items():
+        if name in skip:
+            continue
+        start = time.time()
+        res = cascading_randomization(
+            setup.model,
+            setup.sanity_inputs,
+            explain,
+            target=setup.target[: len(setup.sanity_inputs)],
+            layers=setup.sanity_layers,
+            seed=0,
+        )
+        summary = res.summary()
+        out[name] = {
+            **res.final(),
+            "steps": len(res.steps) - 1,
+            "curve_spearman_abs": [round(float(v), 3) for v in summary["spearman_abs"]],
+            "seconds": time.time() - start,
+        }
+        print(
+            f"  sanity {name}: {out[name]['spearman_abs']:.3f} ({out[name]['seconds']:.0f}s)",
+            flush=True,
+        )
+    return out
+
+
+def perturbation_and_metrics(
+    setup: Setup, table: dict, n_perturb: int, skip_sensitivity: set[str]
+) -> dict[str, dict]:
+    out = {}
+    for name, (explain, attribute_factory, kwargs) in table.items():
+        start = time.time()
+        attr = explain(setup.model, setup.inputs, setup.target)
+        attr_seconds = time.time() - start
+        curves = perturbation_curves(setup.model, setup.inputs, attr, target=setup.target)
+        row = {**curves.summary(), "attr_seconds_per_input": attr_seconds / len(setup.inputs)}
+        if attribute_factory is not None:
+            skipped = name in skip_sensitivity
+            scores = captum_scores(
+                setup.model,
+                setup.inputs,
+                None if skipped else attribute_factory(setup.model),
+                attr.expand_as(setup.inputs),
+                target=setup.target,
+                n_perturb_samples=n_perturb,
+                max_examples_per_batch=44,
+                **({} if skipped else kwargs),
+            )
+            row["infidelity"] = float(scores["infidelity"].mean())
+            row["sensitivity_max"] = float(scores["sensitivity_max"].mean())
+        else:
+            row["infidelity"] = row["sensitivity_max"] = float("nan")
+        out[name] = row
+        print(f"  {name}: {row}", flush=True)
+    return out
+
+
+def print_tables(setup: Setup, stats: list[dict], sane: dict, pert: dict) -> None:
+    print(f"\n### {setup.name}: {len(setup.inputs)} inputs ({', '.join(setup.labels)})")
+    print("\nCritical pathways (masked network = pathway neurons only)")
+    print(
+        "| contribution | p | neurons/input | kept/input | zero contributions | same class "
+        "| prob ratio | s/input |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in stats:
+        print(
+            f"| {r['method']} | {r['percentile']:g} | {r['neurons']} | {r['kept']} | "
+            f"{r['zero_contrib_frac']:.3f} | {r['same_class']:.2f} | {r['prob_ratio']:.3f} | "
+            f"{r['seconds_per_input']:.2f} |"
+        )
+    print(f"\nSanity check: full cascading randomization, {len(setup.sanity_inputs)} inputs")
+    print("| method | Spearman | abs Spearman | SSIM | steps |")
+    print("|---|---|---|---|---|")
+    for name, r in sane.items():
+        print(
+            f"| {name} | {r['spearman']:.3f} | {r['spearman_abs']:.3f} | {r['ssim']:.3f} | "
+            f"{r['steps']} |"
+        )
+    print("\nPixel perturbation (prob ratio AUC over 0-90% removed) and Captum metrics")
+    print(
+        "| method | LeRF AUC (higher) | MoRF AUC (lower) | LeRF-MoRF | infidelity "
+        "| sensitivity_max | s/input |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for name, r in pert.items():
+        print(
+            f"| {name} | {r['lerf_auc']:.3f} | {r['morf_auc']:.3f} | {r['gap']:.3f} | "
+            f"{r['infidelity']:.4g} | {r['sensitivity_max']:.3f} | "
+            f"{r['attr_seconds_per_input']:.2f} |"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=["digits", "effnet", "both"], default="both")
+    parser.add_argument("--percentile", type=float, default=85.0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--digits-n", type=int, default=32)
+    parser.add_argument("--digits-sanity-n", type=int, default=8)
+    parser.add_argument("--effnet-n", type=int, default=4)
+    parser.add_argument("--effnet-sanity-n", type=int, default=2)
+    parser.add_argument("--n-perturb", type=int, default=5)
+    parser.add_argument(
+        "--no-intgrad-sanity",
+        action="store_true",
+        help="skip the (slow) NeuronIntGrad sanity check on EfficientNet",
+    )
+    parser.add_argument("--json", help="also write all numbers to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = {}
+    setups = []
+    if args.model in ("digits", "both"):
+        setups.append(("digits", digits_setup(args.digits_n, args.digits_sanity_n)))
+    if args.model in ("effnet", "both"):
+        setups.append(("effnet", effnet_setup(args.effnet_n, args.effnet_sanity_n)))
+    for key, setup in setups:
+        print(f"== {setup.name}", flush=True)
+        table = methods(setup, args.percentile)
+        is_effnet = key == "effnet"
+        stats = pathway_stats(setup, (args.percentile,) if is_effnet else (70.0, 85.0, 95.0))
+        skip = {"PathwayGrad (NeuronIntGrad)"} if is_effnet and args.no_intgrad_sanity else set()
+        sane = sanity(setup, table, skip)
+        skip_sens = {"PathwayGrad (NeuronIntGrad)"} if is_effnet else set()
+        pert = perturbation_and_metrics(setup, table, args.n_perturb, skip_sens)
+        print_tables(setup, stats, sane, pert)
+        results[key] = {"stats": stats, "sanity": sane, "perturbation": pert}
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1, default=float)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
