@@ -9,6 +9,7 @@ on real photos:
    absolute) and SSIM between the trained and the fully randomized model's maps;
 3. LeRF / MoRF pixel-perturbation AUCs;
 4. Captum's infidelity and sensitivity_max;
+5. the overlap of a NeuroChains chain with the critical pathways of the same region;
 
 for the pathway gradient (NeuronMCT and NeuronIntGrad pathways) next to Saliency,
 IntegratedGradients, Gradient x Input, GuidedBackprop and GradCAM.
@@ -48,6 +49,7 @@ from captum_chains.pathways import (
     PathwayGradient,
     captum_scores,
     cascading_randomization,
+    pathway_chain_overlap,
     perturbation_curves,
 )
 
@@ -68,7 +70,8 @@ class Setup:
 
 
 def _gradcam(layer: str) -> Explain:
-    def explain(model: nn.Module, x: Tensor, target: Tensor) -> Tensor:
+    def explain(model: nn.Module, x: Tensor | tuple[Tensor, ...], target: Tensor) -> Tensor:
+        x = x[0] if isinstance(x, tuple) else x  # captum's sensitivity_max passes tuples
         module = model.get_submodule(layer)
         cam = LayerGradCam(model, module).attribute(x, target=target, relu_attributions=True)
         return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), "bilinear")
@@ -106,7 +109,11 @@ def methods(setup: Setup, percentile: float) -> dict[str, tuple[Explain, Callabl
         ),
         "Gradient x Input": (captum(InputXGradient), lambda m: InputXGradient(m).attribute, {}),
         "GuidedBackprop": (captum(GuidedBackprop), lambda m: GuidedBackprop(m).attribute, {}),
-        "GradCAM": (_gradcam(setup.gradcam_layer), None, {}),
+        "GradCAM": (
+            _gradcam(setup.gradcam_layer),
+            lambda m: lambda inputs, target: _gradcam(setup.gradcam_layer)(m, inputs, target),
+            {},
+        ),
     }
 
 
@@ -256,6 +263,58 @@ def perturbation_and_metrics(
     return out
 
 
+def overlap(model: nn.Module, region: Tensor, percentile: float) -> dict:
+    """A NeuroChains chain of the region vs the region's critical pathways."""
+    from captum_chains.neurochains import ChainExtractor
+
+    start = time.time()
+    chain = ChainExtractor(model).attribute(region, progress=False, seed=0)
+    chain_seconds = time.time() - start
+    with torch.no_grad():
+        target = model(region).argmax(1)
+    out: dict = {"chain_seconds": chain_seconds, "region": len(region)}
+    for method in ("taylor", "integrated"):
+        pathways = CriticalPathways(model).attribute(
+            region, target=target, percentile=percentile, method=method, internal_batch_size=22
+        )
+        result = pathway_chain_overlap(chain, pathways)
+        kept = sum(int(v.sum()) for v in result.kept.values())
+        total = sum(v.numel() for v in result.kept.values())
+        out[method] = {
+            **result.summary(),
+            "mapped_layers": len(result.layers),
+            "unmapped_layers": list(result.unmapped),
+            "chain_kept": f"{kept}/{total}",
+        }
+    return out
+
+
+def digits_region(n: int = 20, digit: int = 3) -> Tensor:
+    from captum_chains.zoo import load_digits_data
+
+    data = load_digits_data()
+    return data.x_test[data.y_test == digit][:n]
+
+
+def print_overlap(name: str, result: dict) -> None:
+    print(
+        f"\nOverlap with a NeuroChains chain ({name}, region of {result['region']} inputs, "
+        f"chain in {result['chain_seconds']:.0f}s)"
+    )
+    print(
+        "| pathways | chain kept (mapped layers) | chain on pathway | chance | pathway in chain "
+        "| chance | unmapped layers |"
+    )
+    print("|---|---|---|---|---|---|---|")
+    for method in ("taylor", "integrated"):
+        r = result[method]
+        print(
+            f"| {method} | {r['chain_kept']} | {r['chain_on_pathway']:.3f} | "
+            f"{r['chance_chain_on_pathway']:.3f} | {r['pathway_in_chain']:.3f} | "
+            f"{r['chance_pathway_in_chain']:.3f} | {len(r['unmapped_layers'])} |"
+        )
+
+
 def print_tables(setup: Setup, stats: list[dict], sane: dict, pert: dict) -> None:
     print(f"\n### {setup.name}: {len(setup.inputs)} inputs ({', '.join(setup.labels)})")
     print("\nCritical pathways (masked network = pathway neurons only)")
@@ -271,12 +330,12 @@ def print_tables(setup: Setup, stats: list[dict], sane: dict, pert: dict) -> Non
             f"{r['seconds_per_input']:.2f} |"
         )
     print(f"\nSanity check: full cascading randomization, {len(setup.sanity_inputs)} inputs")
-    print("| method | Spearman | abs Spearman | SSIM | steps |")
-    print("|---|---|---|---|---|")
+    print("| method | Spearman | abs Spearman | SSIM | constant maps | steps |")
+    print("|---|---|---|---|---|---|")
     for name, r in sane.items():
         print(
             f"| {name} | {r['spearman']:.3f} | {r['spearman_abs']:.3f} | {r['ssim']:.3f} | "
-            f"{r['steps']} |"
+            f"{r['constant_maps']:.2f} | {r['steps']} |"
         )
     print("\nPixel perturbation (prob ratio AUC over 0-90% removed) and Captum metrics")
     print(
@@ -307,6 +366,12 @@ def main() -> None:
         action="store_true",
         help="skip the (slow) NeuronIntGrad sanity check on EfficientNet",
     )
+    parser.add_argument(
+        "--effnet-overlap",
+        type=int,
+        default=0,
+        help="region size for the (slow) NeuroChains overlap on EfficientNet; 0 skips it",
+    )
     parser.add_argument("--json", help="also write all numbers to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -328,6 +393,16 @@ def main() -> None:
         pert = perturbation_and_metrics(setup, table, args.n_perturb, skip_sens)
         print_tables(setup, stats, sane, pert)
         results[key] = {"stats": stats, "sanity": sane, "perturbation": pert}
+        region = None
+        if key == "digits":
+            region = digits_region()
+        elif args.effnet_overlap:
+            from captum_chains.data import local_region, sample_photo
+
+            region = local_region(sample_photo("chelsea"), n=args.effnet_overlap, seed=0)
+        if region is not None:
+            results[key]["overlap"] = overlap(setup.model, region, args.percentile)
+            print_overlap(setup.name, results[key]["overlap"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=float)

@@ -20,7 +20,8 @@ runs.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -221,6 +222,18 @@ class ChainExtractor(Attribution):
         return chains
 
 
+def _compiled(model: nn.Module, option: bool | str) -> Callable[..., Any]:
+    """The model's forward, through ``torch.compile`` when asked (hooks are traced too)."""
+    if option is False:
+        return model
+    backend = "inductor" if option is True else option
+
+    def forward(*args: Any) -> Any:
+        return model(*args)
+
+    return torch.compile(forward, backend=backend)
+
+
 def _format_additional(args: Any) -> tuple[Any, ...]:
     if args is None:
         return ()
@@ -251,6 +264,7 @@ class _Optimization:
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             raise ValueError("the model must return logits of shape [N, num_classes]")
         self.log_p = F.log_softmax(logits.float(), dim=1)
+        self.forward = _compiled(model, config.compile)
         self.start = time.perf_counter()
         self.histories: list[list[dict[str, Any]]] = [[] for _ in range(regions)]
 
@@ -281,7 +295,14 @@ class _Optimization:
         self, state: MaskState, scores: torch.Tensor, gates: torch.Tensor | None, hard: bool = False
     ) -> torch.Tensor:
         self._state(scores, gates, state, hard)
-        logits = self.model(*self.batch, *self.extra)
+        try:
+            logits = self.forward(*self.batch, *self.extra)
+        except Exception as err:
+            if self.forward is self.model:
+                raise
+            warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
+            self.forward = self.model
+            logits = self.model(*self.batch, *self.extra)
         return kl_divergence(self.log_p, logits, self.k, self.targets)
 
     # -- phases -------------------------------------------------------------

@@ -274,3 +274,13 @@ def test_layers_restricts_the_scored_units():
     structure = ChainExtractor(model).discover(make_inputs(2), layers=["blocks.1"])
     assert structure.unit_names == ("blocks.1.conv1", "blocks.1.conv2")
     assert [g.name for g in structure.gates] == ["blocks.1"]
+
+
+def test_compiled_and_eager_paths_give_the_same_chain():
+    model = make_model("residual", 4, 11)
+    x = make_inputs(4, seed=11)
+    eager = ChainExtractor(model, **FAST).attribute(x, progress=False)
+    compiled = ChainExtractor(model, compile="aot_eager", **FAST).attribute(x, progress=False)
+    assert compiled.subnetwork.removed_gates == eager.subnetwork.removed_gates
+    for name in eager.importance:
+        torch.testing.assert_close(compiled.importance[name], eager.importance[name], rtol=1e-4, atol=1e-5)

@@ -629,3 +629,27 @@ def test_result_helpers():
     on = res.channels_on_pathway("features.2")
     assert on.shape == (3, 16)
     assert torch.equal(on, res.masks["features.2"].flatten(2).any(2))
+
+
+@pytest.mark.slow
+def test_efficientnet_lite0_relu6_sites_producers_and_saliency():
+    from captum_chains.data import preprocess, sample_photo
+    from captum_chains.pretrained import load_efficientnet_lite0
+
+    model = load_efficientnet_lite0()
+    snapshot = ModelSnapshot.take(model)
+    x = preprocess(sample_photo("chelsea"))[None]
+    sites = discover_neurons(model, x)
+    assert len(sites) == 33 and {s.kind for s in sites} == {"relu6"}
+    producers = {p.module: s.name for s in sites for p in s.producers}
+    assert producers["conv_stem"] == "bn1.act"
+    assert producers["blocks.1.0.conv_dw"] == "blocks.1.0.bn2.act"
+    assert producers["conv_head"] == "bn2.act"
+    assert not any(name.endswith("conv_pwl") for name in producers)  # no activation follows
+    pg = PathwayGradient(model).attribute(x, target=285, percentile=0)
+    sal = Saliency(model).attribute(x.clone().requires_grad_(), target=285, abs=False)
+    assert torch.equal(pg, sal)
+    res = PathwayGradient(model)
+    attr = res.attribute(x, target=285)
+    assert attr.shape == x.shape and res.last_pathways.total_neurons == 6157536
+    snapshot.assert_unchanged(model)

@@ -74,7 +74,7 @@ def test_cascading_randomization_drops_spearman_and_leaves_model_alone():
     assert (res.spearman_abs[1:].mean(1) < 0.6).all()
     assert (res.ssim[1:].mean(1) < 0.6).all()
     table = res.summary()
-    assert list(table.columns) == ["step", "spearman", "spearman_abs", "ssim"]
+    assert list(table.columns) == ["step", "spearman", "spearman_abs", "ssim", "constant_maps"]
     assert len(res.maps) == 5 and res.maps[0].shape == (3, 16, 16)
 
 
@@ -99,6 +99,10 @@ def test_map_similarity_matches_scipy():
     rho, rho_abs, _ = map_similarity(a, -a)
     np.testing.assert_allclose(rho, -1.0)
     np.testing.assert_allclose(rho_abs, 1.0)
+    zero = torch.zeros_like(a)
+    rho, rho_abs, _ = map_similarity(a, zero)  # a blank map shares no ranking
+    np.testing.assert_array_equal(rho, 0.0)
+    np.testing.assert_array_equal(rho_abs, 0.0)
     _, _, same = map_similarity(a, a)
     _, _, other = map_similarity(a, b)
     np.testing.assert_allclose(same, 1.0)
@@ -276,3 +280,26 @@ def test_overlap_errors():
         pathway_chain_overlap({"conv_b": torch.ones(3)}, pathways)
     with pytest.raises(TypeError, match="importance"):
         pathway_chain_overlap(object(), pathways)
+
+
+def test_pathway_gradient_runs_inside_compare_on_model_and_subnetwork():
+    from captum_chains.neurochains import ChainExtractor
+    from captum_chains.visualization.compare import compare_attributions
+
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.BatchNorm2d(4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(4, 3),
+    ).eval()
+    x = torch.randn(3, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    chain = ChainExtractor(model, steps=3).attribute(x, progress=False, seed=0)
+    snapshot = ModelSnapshot.take(model)
+    result = compare_attributions(chain, x, [Saliency, PathwayGradient], layer="3")
+    snapshot.assert_unchanged(model)
+    assert result.original["PathwayGradient"].shape == (3, 8, 8)
+    assert len(result.rank_correlation["PathwayGradient"]) == 3

@@ -43,22 +43,43 @@ def num_players(length: int) -> int:
     return n
 
 
-def _butterfly(values: torch.Tensor, inverse: bool, upward: bool) -> torch.Tensor:
-    """Apply the radix-2 butterfly for the subset (``upward``) or superset lattice."""
-    n = num_players(values.shape[-1])
-    lead = values.shape[:-1]
-    out = values.reshape(-1, values.shape[-1])
+def _butterfly_(out: torch.Tensor, n: int, inverse: bool, upward: bool) -> torch.Tensor:
+    """In-place radix-2 butterfly on a contiguous ``[rows, 2**n]`` tensor."""
     rows = out.shape[0]
     for bit in range(n):
-        low = 1 << bit
-        view = out.reshape(rows, -1, 2, low)
+        view = out.view(rows, -1, 2, 1 << bit)  # [rows, high bits, bit, low bits]
         without, with_ = view[:, :, 0, :], view[:, :, 1, :]
-        if upward:  # f(T ∪ {i}) gets f(T): sums over subsets
-            with_ = with_ - without if inverse else with_ + without
-        else:  # f(T) gets f(T ∪ {i}): sums over supersets
-            without = without - with_ if inverse else without + with_
-        out = torch.stack((without, with_), dim=2).reshape(rows, -1)
-    return out.reshape(*lead, -1)
+        if upward:  # f(T ∪ {i}) += f(T): sums over subsets
+            (with_.sub_ if inverse else with_.add_)(without)
+        else:  # f(T) += f(T ∪ {i}): sums over supersets
+            (without.sub_ if inverse else without.add_)(with_)
+    return out
+
+
+class _Lattice(torch.autograd.Function):
+    """Linear subset/superset transform; its adjoint is the transform on the other lattice."""
+
+    @staticmethod
+    def forward(ctx, values: torch.Tensor, inverse: bool, upward: bool) -> torch.Tensor:  # type: ignore[override]
+        ctx.inverse, ctx.upward = inverse, upward
+        n = num_players(values.shape[-1])
+        flat = values.reshape(-1, values.shape[-1]).clone(memory_format=torch.contiguous_format)
+        return _butterfly_(flat, n, inverse, upward).view(values.shape)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return _Lattice.apply(grad, ctx.inverse, not ctx.upward), None, None
+
+
+def _butterfly(values: torch.Tensor, inverse: bool, upward: bool) -> torch.Tensor:
+    """Subset (``upward``) or superset lattice transform in ``O(n 2**n)``, differentiable.
+
+    Each of the ``n`` stages adds (or subtracts) the half of the entries without bit
+    ``i`` to the half with it, in place on a copy; the backward pass applies the
+    transposed transform the same way, so no ``2**n x 2**n`` matrix and no autograd
+    graph of ``n`` stages is ever stored.
+    """
+    return _Lattice.apply(values, inverse, upward)
 
 
 def zeta(values: torch.Tensor) -> torch.Tensor:

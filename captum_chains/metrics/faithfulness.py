@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.metrics._common import (
+    ChainLike,
     as_subnetwork,
     check_batch_size,
     chunked_logits,
@@ -85,11 +86,13 @@ def _repeat(items: tuple[Any, ...], k: int, n: int) -> tuple[Any, ...]:
 
 
 def faithfulness(
-    chain: Any,
+    chain: ChainLike,
     inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     additional_forward_args: Any = None,
     *,
     batch_size: int = 256,
+    max_units: int | None = None,
+    seed: int = 0,
     progress: bool = False,
 ) -> FaithfulnessResult:
     """Remove each kept unit alone from the sub-network and correlate the damage with its score.
@@ -106,6 +109,12 @@ def faithfulness(
     batch_size : int
         Inputs per forward pass: ``max(1, batch_size // N)`` removals are evaluated
         together.
+    max_units : int, optional
+        Evaluate only a random subset of at most this many kept units (drawn with
+        ``seed``); all kept units when ``None``. Each removal costs a forward pass over
+        the region, so large models may need a subset.
+    seed : int
+        Seed of the subset draw.
     progress : bool
         Show a tqdm bar over the batches of removals.
 
@@ -129,6 +138,13 @@ def faithfulness(
 
     scores = sub.scores.detach()
     kept = torch.nonzero(scores > 0).flatten()
+    if max_units is not None:
+        if isinstance(max_units, bool) or not isinstance(max_units, int) or max_units < 1:
+            raise ValueError(f"max_units must be a positive int or None, got {max_units!r}")
+        if len(kept) > max_units:
+            gen = torch.Generator().manual_seed(seed)
+            pick = torch.randperm(len(kept), generator=gen)[:max_units].sort().values
+            kept = kept[pick.to(kept.device)]
     base = sub.mask_state()
     offsets = structure.offsets()
     per_pass = max(1, batch_size // n)

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from captum_chains.metrics._common import (
+    ChainLike,
     as_subnetwork,
     both_probabilities,
     check_batch_size,
@@ -130,7 +131,7 @@ def fidelity_from_probs(p: torch.Tensor, q: torch.Tensor) -> FidelityResult:
 
 
 def fidelity(
-    chain: Any,
+    chain: ChainLike,
     inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     additional_forward_args: Any = None,
     *,

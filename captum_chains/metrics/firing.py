@@ -22,7 +22,7 @@ from torch import nn
 
 from captum_chains._utils.model_state import frozen_eval
 from captum_chains.masking import apply_masks
-from captum_chains.metrics._common import as_subnetwork, extra_args, region_inputs
+from captum_chains.metrics._common import ChainLike, as_subnetwork, extra_args, region_inputs
 from captum_chains.units.base import ModelStructure, UnitLayer
 
 
@@ -91,7 +91,7 @@ def _pearson(a: torch.Tensor, b: torch.Tensor, dim: int) -> torch.Tensor:
 
 
 def firing_correlation(
-    chain: Any,
+    chain: ChainLike,
     inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     additional_forward_args: Any = None,
 ) -> FiringResult:

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from captum_chains.metrics._common import (
+    ChainLike,
     as_subnetwork,
     check_batch_size,
     chunked_logits,
@@ -76,7 +77,7 @@ def quotient(p: torch.Tensor, q: torch.Tensor, *, logits: bool = False) -> torch
     return torch.where(den > 0, out, torch.full_like(out, float("nan")))
 
 
-def complement_subnetwork(chain: Any) -> SubNetwork:
+def complement_subnetwork(chain: ChainLike) -> SubNetwork:
     """The original model with the chain's kept units removed (every gate open).
 
     Its scores are 1 for the units the chain removed and 0 for the units it kept:
@@ -90,7 +91,7 @@ def complement_subnetwork(chain: Any) -> SubNetwork:
 
 
 def prediction_quotient(
-    chain: Any,
+    chain: ChainLike,
     inputs: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
     additional_forward_args: Any = None,
     *,

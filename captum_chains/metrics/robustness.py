@@ -17,8 +17,9 @@ original model and feeds the same adversarial inputs to the sub-network (transfe
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -28,6 +29,7 @@ from torch import nn
 from captum_chains._utils.model_state import frozen_eval
 from captum_chains._utils.validation import format_target
 from captum_chains.metrics._common import (
+    ChainLike,
     as_subnetwork,
     chunked_logits,
     extra_args,
@@ -53,11 +55,17 @@ class RobustnessResult:
         The perturbation radius (in input units).
     attack_on : str
         Whose gradients built the perturbations.
+    adversarial : dict of str to (Tensor, Tensor)
+        Attack -> (inputs fed to the model, inputs fed to the sub-network); the two are
+        the same tensor unless ``attack_on="each"``.
     """
 
     table: Any
     epsilon: float
     attack_on: str
+    adversarial: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, repr=False
+    )
 
     def probabilities(self, attack: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(model_prob, subnetwork_prob)`` tensors ``[N]`` for one attack."""
@@ -127,17 +135,20 @@ def _attack(
     if epsilon == 0:
         return x.detach().clone()
     x = x.detach().clone().requires_grad_(True)
-    if attack == "fgsm":
-        fgsm = FGSM(forward, loss_func=loss, lower_bound=bounds[0], upper_bound=bounds[1])
-        return fgsm.perturb(x, epsilon, target, additional_forward_args=extra_arg).detach()
-    pgd = PGD(forward, loss_func=loss, lower_bound=bounds[0], upper_bound=bounds[1])
-    return pgd.perturb(
-        x, epsilon, step_size, steps, target, additional_forward_args=extra_arg
-    ).detach()
+    with warnings.catch_warnings():
+        # PGD hands FGSM fresh tensors each step; Captum warns that it enables their grads.
+        warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require")
+        if attack == "fgsm":
+            fgsm = FGSM(forward, loss_func=loss, lower_bound=bounds[0], upper_bound=bounds[1])
+            return fgsm.perturb(x, epsilon, target, additional_forward_args=extra_arg).detach()
+        pgd = PGD(forward, loss_func=loss, lower_bound=bounds[0], upper_bound=bounds[1])
+        return pgd.perturb(
+            x, epsilon, step_size, steps, target, additional_forward_args=extra_arg
+        ).detach()
 
 
 def robustness(
-    chain: Any,
+    chain: ChainLike,
     inputs: torch.Tensor | None = None,
     target: int | list[int] | torch.Tensor | None = None,
     additional_forward_args: Any = None,
@@ -225,6 +236,7 @@ def robustness(
     bounds = (lower_bound, upper_bound)
 
     frames = [_rows("clean", x, x, y, model, sub, extra, batch_size)]
+    adversarial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     with frozen_eval(model, freeze=True):
         for attack in attacks:
             args = (y, extra, attack, float(epsilon), step, pgd_steps, bounds)
@@ -235,11 +247,15 @@ def robustness(
                 x_sub = _attack(sub, x, *args)
             x_model = x_sub if x_model is None else x_model
             x_sub = x_model if x_sub is None else x_sub
+            adversarial[attack] = (x_model, x_sub)
             frames.append(_rows(attack, x_model, x_sub, y, model, sub, extra, batch_size))
     import pandas as pd
 
     return RobustnessResult(
-        table=pd.concat(frames, ignore_index=True), epsilon=float(epsilon), attack_on=attack_on
+        table=pd.concat(frames, ignore_index=True),
+        epsilon=float(epsilon),
+        attack_on=attack_on,
+        adversarial=adversarial,
     )
 
 

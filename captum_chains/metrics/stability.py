@@ -27,6 +27,7 @@ from torch import nn
 from captum_chains._utils.model_state import frozen_eval
 from captum_chains._utils.validation import check_device, format_inputs
 from captum_chains.metrics._common import (
+    ChainLike,
     as_subnetwork,
     check_batch_size,
     chunked_logits,
@@ -193,7 +194,7 @@ def _check_ks(ks: Sequence[int], pool_size: int) -> list[int]:
 
 
 def stability(
-    chain: Any,
+    chain: ChainLike,
     pool: torch.Tensor,
     inputs: torch.Tensor | None = None,
     *,

@@ -22,12 +22,15 @@ Protocol (following the paper's scripts where they are explicit)
   largest absolute value. Per input: Spearman rank correlation of the signed maps
   and of their absolute values, and SSIM (window 5, data range 2) of the signed
   maps, each against the trained model's map.
+* A map that is constant (e.g. all zeros: the pathway gradient vanishes when no
+  neuron of the first activation layer is on the pathway) has no ranking; its rank
+  correlations are reported as 0, and such maps are counted in
+  :attr:`RandomizationResult.constant`.
 """
 
 from __future__ import annotations
 
 import copy
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,6 +72,9 @@ class RandomizationResult:
         ``"original"`` then the module randomized at each step (cumulative).
     spearman, spearman_abs, ssim : np.ndarray
         ``[len(steps), n_inputs]``; row 0 compares the original maps with themselves.
+    constant : np.ndarray
+        ``[len(steps), n_inputs]`` booleans: the step's map is constant (its rank
+        correlations are set to 0).
     maps : list of Tensor or None
         The reduced, normalized maps ``[n_inputs, H, W]`` of every step, when kept.
     """
@@ -77,6 +83,7 @@ class RandomizationResult:
     spearman: np.ndarray = field(repr=False)
     spearman_abs: np.ndarray = field(repr=False)
     ssim: np.ndarray = field(repr=False)
+    constant: np.ndarray = field(repr=False)
     maps: list[Tensor] | None = field(default=None, repr=False)
 
     def summary(self) -> Any:
@@ -89,6 +96,7 @@ class RandomizationResult:
                 "spearman": np.nanmean(self.spearman, axis=1),
                 "spearman_abs": np.nanmean(self.spearman_abs, axis=1),
                 "ssim": np.nanmean(self.ssim, axis=1),
+                "constant_maps": self.constant.mean(axis=1),
             }
         )
 
@@ -98,6 +106,7 @@ class RandomizationResult:
             "spearman": float(np.nanmean(self.spearman[-1])),
             "spearman_abs": float(np.nanmean(self.spearman_abs[-1])),
             "ssim": float(np.nanmean(self.ssim[-1])),
+            "constant_maps": float(self.constant[-1].mean()),
         }
 
 
@@ -148,21 +157,30 @@ def map_similarity(reference: Tensor, other: Tensor) -> tuple[np.ndarray, np.nda
     """Per-input Spearman (signed), Spearman (absolute) and SSIM of two map batches.
 
     Both are ``[N, H, W]`` (or ``[N, F]``, then SSIM is NaN) normalized to ``[-1, 1]``.
-    A constant map gives NaN correlations.
+    When either map is constant the rank correlations are 0 (no shared ranking).
     """
     n = reference.shape[0]
     rho, rho_abs, ssim = np.full(n, np.nan), np.full(n, np.nan), np.full(n, np.nan)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        for i in range(n):
-            a, b = reference[i].numpy().ravel(), other[i].numpy().ravel()
-            rho[i] = stats.spearmanr(a, b).statistic
-            rho_abs[i] = stats.spearmanr(np.abs(a), np.abs(b)).statistic
-            if reference.ndim == 3 and min(reference.shape[1:]) >= 5:
-                ssim[i] = structural_similarity(
-                    reference[i].numpy(), other[i].numpy(), win_size=5, data_range=2.0
-                )
+    for i in range(n):
+        a, b = reference[i].numpy().ravel(), other[i].numpy().ravel()
+        rho[i] = _spearman(a, b)
+        rho_abs[i] = _spearman(np.abs(a), np.abs(b))
+        if reference.ndim == 3 and min(reference.shape[1:]) >= 5:
+            ssim[i] = structural_similarity(
+                reference[i].numpy(), other[i].numpy(), win_size=5, data_range=2.0
+            )
     return rho, rho_abs, ssim
+
+
+def _spearman(a: np.ndarray, b: np.ndarray) -> float:
+    if np.ptp(a) == 0 or np.ptp(b) == 0:
+        return 0.0
+    return float(stats.spearmanr(a, b).statistic)
+
+
+def _is_constant(maps: Tensor) -> np.ndarray:
+    flat = maps.flatten(1)
+    return (flat.amax(1) == flat.amin(1)).numpy()
 
 
 def cascading_randomization(
@@ -223,6 +241,7 @@ def cascading_randomization(
             raise ValueError(f"layer {name!r} is not a submodule of the model") from err
     original = _to_map(explain(clone, inputs, target))
     rows = [map_similarity(original, original)]
+    constant = [_is_constant(original)]
     maps = [original] if keep_maps else None
     done: set[int] = set()
     steps = tqdm(modules, desc="randomization", disable=not progress)
@@ -237,6 +256,7 @@ def cascading_randomization(
                 param.copy_((draw * std).to(param.dtype))
         current = _to_map(explain(clone, inputs, target))
         rows.append(map_similarity(original, current))
+        constant.append(_is_constant(current))
         if maps is not None:
             maps.append(current)
     return RandomizationResult(
@@ -244,5 +264,6 @@ def cascading_randomization(
         spearman=np.stack([r[0] for r in rows]),
         spearman_abs=np.stack([r[1] for r in rows]),
         ssim=np.stack([r[2] for r in rows]),
+        constant=np.stack(constant),
         maps=maps,
     )

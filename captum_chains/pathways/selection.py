@@ -123,7 +123,7 @@ def _top_k_first_in_order(flat: Tensor, k: int) -> Tensor:
         return torch.ones(n, dtype=torch.bool, device=flat.device)
     values = flat.float() if flat.dtype in (torch.float16, torch.bfloat16) else flat
     # k-th largest value = (n - k + 1)-th smallest
-    threshold = torch.kthvalue(values.cpu(), n - k + 1).values.to(flat.device)
+    threshold = torch.kthvalue(values, n - k + 1).values
     above = values > threshold
     need = k - int(above.sum())
     ties = values == threshold

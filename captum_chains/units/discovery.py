@@ -25,6 +25,7 @@ import hashlib
 import math
 import warnings
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -293,14 +294,8 @@ def _assign_blocks(units: list[UnitLayer], gates: list[GateSpec]) -> list[UnitLa
     out = []
     for u in units:
         block = next((g.name for g in gates if g.kind != "layer" and u.name in g.units), None)
-        out.append(u if block is None else _replace(u, block=block))
+        out.append(u if block is None else replace(u, block=block))
     return out
-
-
-def _replace(unit: UnitLayer, **changes: Any) -> UnitLayer:
-    from dataclasses import replace
-
-    return replace(unit, **changes)
 
 
 def _layer_gates(trace: Trace, units: list[UnitLayer]) -> list[GateSpec]:

@@ -425,7 +425,7 @@ def _mlps(
 ) -> list[tuple[str, str, str, ModuleCall]]:
     """(container, first linear, last linear, last-linear call) of each MLP in a block."""
     found = []
-    for name, module in model.get_submodule(block).named_modules():
+    for name, _ in model.get_submodule(block).named_modules():
         full = f"{block}.{name}" if name else block
         if not name or _inside(full, attentions):
             continue

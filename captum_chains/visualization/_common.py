@@ -27,7 +27,9 @@ Denormalize = Callable[[torch.Tensor], torch.Tensor]
 SAVE_FORMATS = (".png", ".svg", ".pdf")
 
 
-def resolve(chain: Any, inputs: torch.Tensor | None = None) -> tuple[SubNetwork, torch.Tensor | None]:
+def resolve(
+    chain: Any, inputs: torch.Tensor | None = None
+) -> tuple[SubNetwork, torch.Tensor | None]:
     """The SubNetwork of a ``Chain`` (or a SubNetwork itself) and the inputs to draw.
 
     ``inputs`` defaults to the region the chain was extracted on (``chain.inputs``).
@@ -53,6 +55,34 @@ def resolve(chain: Any, inputs: torch.Tensor | None = None) -> tuple[SubNetwork,
                 + (f" of shape {tuple(x.shape)}" if isinstance(x, torch.Tensor) else "")
             )
     return sub, x
+
+
+def removed_layers(subnetwork: SubNetwork) -> dict[str, str]:
+    """Unit layer name -> the closed gate that removed it (the layer or its block)."""
+    closed = set(subnetwork.removed_gates)
+    out: dict[str, str] = {}
+    for gate in subnetwork.structure.gates:
+        if gate.name in closed:
+            for name in gate.units:
+                out.setdefault(name, gate.name)
+    return out
+
+
+def chain_scores(subnetwork: SubNetwork) -> dict[str, torch.Tensor]:
+    """Scores per unit layer, 0 for every filter of a layer removed by a closed gate.
+
+    Extracted chains already hold 0 there; hand-built SubNetworks may not, and a removed
+    layer's filters are not part of the chain either way.
+    """
+    scores = subnetwork.importance
+    for name in removed_layers(subnetwork):
+        scores[name] = torch.zeros_like(scores[name])
+    return scores
+
+
+def chain_kept(subnetwork: SubNetwork) -> dict[str, torch.Tensor]:
+    """Bool mask of the chain's filters per unit layer (see :func:`chain_scores`)."""
+    return {name: s > 0 for name, s in chain_scores(subnetwork).items()}
 
 
 def require_inputs(inputs: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -213,9 +243,7 @@ def _masked(model: nn.Module, subnetwork: SubNetwork, network: Network) -> Itera
             yield
 
 
-def display_images(
-    inputs: torch.Tensor, denormalize: Denormalize | None = None
-) -> np.ndarray:
+def display_images(inputs: torch.Tensor, denormalize: Denormalize | None = None) -> np.ndarray:
     """Inputs as displayable ``[N, H, W, 3]`` images in ``[0, 1]``.
 
     With ``denormalize=None`` each channel is min-max scaled over the whole batch (exact
@@ -276,12 +304,18 @@ def rank_correlation(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray)
     """Spearman rank correlation of two maps (ties get average ranks); NaN if one is constant."""
     from scipy.stats import rankdata
 
-    x = rankdata(np.asarray(a, dtype=np.float64).ravel())
-    y = rankdata(np.asarray(b, dtype=np.float64).ravel())
+    x = rankdata(_numpy(a).ravel())
+    y = rankdata(_numpy(b).ravel())
     x -= x.mean()
     y -= y.mean()
     denom = float(np.sqrt((x * x).sum() * (y * y).sum()))
     return float((x * y).sum() / denom) if denom > 0 else float("nan")
+
+
+def _numpy(values: Any) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        values = values.detach().cpu()
+    return np.asarray(values, dtype=np.float64)
 
 
 def short_name(name: str, width: int = 28) -> str:

@@ -34,6 +34,7 @@ from captum_chains.units.base import UnitLayer
 from captum_chains.visualization._common import (
     Denormalize,
     Network,
+    chain_kept,
     display_images,
     evenly,
     new_figure,
@@ -168,7 +169,7 @@ def smoe_layer_maps(
     x = require_inputs(x, "smoe_layer_maps")
     if filters not in ("kept", "all"):
         raise ValueError(f"filters must be 'kept' or 'all', got {filters!r}")
-    kept = sub.kept
+    kept = chain_kept(sub)
     units = pick_units(sub.structure, layers, spatial_units(sub.structure))
     if filters == "kept":
         units = [u for u in units if bool(kept[u.name].any())]
@@ -189,7 +190,7 @@ def saliency_layers(chain: Any, layers: LayerChoice | Sequence[str] = "scales") 
     one layer per scale); ``"last"``: only the deepest kept layer; ``"kept"``: all.
     """
     sub, _ = resolve(chain)
-    kept = sub.kept
+    kept = chain_kept(sub)
     pool = [u for u in spatial_units(sub.structure) if bool(kept[u.name].any())]
     if not isinstance(layers, str):
         return [u.name for u in pick_units(sub.structure, layers, pool)]
@@ -248,8 +249,9 @@ def plot_feature_maps(
     there are more); each input has two columns: the original network's map of the
     layer (over all its filters, or the kept ones with ``original_filters="kept"``) and
     the sub-network's map over its kept filters. A top row shows the inputs. Maps are
-    upsampled to the input and overlaid with :func:`captum.attr.visualization.visualize_image_attr`
-    (``blended_heat_map``, each map scaled to its own range).
+    upsampled to the input, shifted to a zero minimum and overlaid with
+    :func:`captum.attr.visualization.visualize_image_attr` (``blended_heat_map``, each map
+    scaled to its own range).
 
     Returns
     -------
@@ -261,7 +263,7 @@ def plot_feature_maps(
     if max_inputs < 1:
         raise ValueError(f"max_inputs must be >= 1, got {max_inputs}")
     x = x[:max_inputs]
-    kept = sub.kept
+    kept = chain_kept(sub)
     pool = [u for u in spatial_units(sub.structure) if bool(kept[u.name].any())]
     units = evenly(pick_units(sub.structure, layers, pool), max_layers)
     names = [u.name for u in units]
@@ -297,8 +299,7 @@ def plot_feature_maps(
             ):
                 ax = axes[r, 2 * i + j]
                 _overlay(fig, ax, heat, images[i], cmap, alpha)
-                if r == 1 or j == 1:
-                    ax.set_title(label, fontsize=7)
+                ax.set_title(label, fontsize=7)
                 if i == 0 and j == 0:
                     ax.set_ylabel(f"{u.name}\n{k}/{u.size} kept", fontsize=7)
     fig.suptitle("SMOE scale per layer: original network vs sub-network", fontsize=10)
@@ -309,7 +310,12 @@ def plot_feature_maps(
 def _overlay(
     fig: Figure, ax: Any, heat: np.ndarray, image: np.ndarray, cmap: str, alpha: float
 ) -> None:
-    """Captum's blended heat map of a non-negative map over a grey image, ticks removed."""
+    """Captum's blended heat map of a map over a grey image (min-max scaled), ticks removed.
+
+    SMOE maps of deep layers sit on a high floor; subtracting each map's minimum shows
+    where it peaks (the Gauss normalization of the combined map plays the same role).
+    """
+    heat = heat - float(np.min(heat))
     if float(np.max(heat)) <= 0:
         ax.imshow(image.mean(axis=2), cmap="gray")
     else:

@@ -1,0 +1,156 @@
+"""Chain folders: what ``extract`` writes and ``show/export/evaluate`` reload."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from captum_chains.cli.models import (
+    ModelSpec,
+    build_model,
+    existing_file,
+    parse_device,
+    resolve_model,
+    weights_hash,
+)
+from captum_chains.cli.output import CLIError, Console, one_line
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from captum_chains.subnetwork import SubNetwork
+
+CHAIN_FILES = ("model.json", "subnetwork.safetensors")
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise CLIError(f"cannot read {path}: {one_line(err, 160)}") from err
+
+
+def chain_folder(path: str) -> Path:
+    """A chain folder written by ``extract``, checked for its files."""
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise CLIError(f"chain folder {path} does not exist")
+    missing = [f for f in CHAIN_FILES if not (folder / f).is_file()]
+    if missing:
+        raise CLIError(
+            f"{path} is not a chain folder (missing {', '.join(missing)}); create one with "
+            "`captum-chains extract`"
+        )
+    return folder
+
+
+@dataclass
+class LoadedChain:
+    """A chain folder reloaded: the rebuilt model and its SubNetwork."""
+
+    folder: Path
+    spec: ModelSpec
+    model: nn.Module
+    subnetwork: SubNetwork
+    device: torch.device
+
+    def region(self) -> torch.Tensor | None:
+        path = self.folder / "region.safetensors"
+        if not path.is_file():
+            return None
+        from safetensors.torch import load_file
+
+        return load_file(str(path))["inputs"].to(self.device)
+
+
+def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
+    """Rebuild the model of a chain folder (or the ``--model`` override) and its SubNetwork."""
+    from captum_chains.subnetwork import SubNetwork
+
+    folder = chain_folder(args.dir)
+    spec = ModelSpec.from_json((folder / "model.json").read_text(), folder / "model.json")
+    stored_hash, stored_prep = spec.weights_hash, spec.preprocessing
+    if args.model is not None:
+        spec = resolve_model(args.model, args.weights, args.arch, args.num_classes)
+        spec.preprocessing = stored_prep
+    elif args.weights is not None:
+        spec.weights = existing_file(args.weights, "weights file")
+    elif spec.weights is not None and not Path(spec.weights).is_file():
+        raise CLIError(
+            f"the weights file {spec.weights} recorded in {folder / 'model.json'} does not exist; "
+            "pass its new location with --weights"
+        )
+    device = parse_device(args.device)
+    console.info(f"loading {spec.name}")
+    model = build_model(spec, console).to(device)
+    try:
+        subnetwork = SubNetwork.load(folder / "subnetwork.safetensors", model)
+    except ValueError as err:
+        raise CLIError(f"the chain in {folder} does not match model {spec.name}: {err}") from err
+    found = weights_hash(model)
+    if stored_hash is not None and found != stored_hash:
+        raise CLIError(
+            f"the chain in {folder} was extracted on other weights of {spec.name} (weights hash "
+            f"{stored_hash}, this model has {found}); pass the original weights with --weights"
+        )
+    return LoadedChain(folder, spec, model, subnetwork, device)
+
+
+def fidelity_summary(subnetwork: SubNetwork, inputs: torch.Tensor, batch_size: int) -> Any:
+    """Per-input fidelity (:func:`captum_chains.metrics.fidelity`) and its averages."""
+    try:
+        from captum_chains.metrics import fidelity
+    except ImportError:  # pragma: no cover - the metrics package ships with the library
+        from types import SimpleNamespace
+
+        from captum_chains.demo import fidelity_numbers
+
+        numbers = fidelity_numbers(subnetwork.model, SimpleNamespace(subnetwork=subnetwork), inputs)
+        summary = {"mean_drop": numbers["probability_drop"], **numbers}
+        return summary, None
+    result = fidelity(subnetwork, inputs, batch_size=batch_size)
+    return result.summary(), result.to_frame()
+
+
+def fidelity_line(numbers: Mapping[str, float]) -> str:
+    return (
+        f"top-1 agreement {numbers['agreement']:.2f}, mean drop of the original class "
+        f"probability {numbers['mean_drop']:.3f}, KL {numbers['kl']:.4f}"
+    )
+
+
+def write_chain(
+    out: Path,
+    spec: ModelSpec,
+    chain: Any,
+    summary: dict[str, Any],
+    inputs: torch.Tensor,
+    frame: Any,
+) -> None:
+    from safetensors.torch import save_file
+
+    from captum_chains.demo import plot_layer_scores
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "model.json").write_text(spec.to_json())
+    chain.subnetwork.save(out / "subnetwork.safetensors")
+    importance = {
+        "layers": {n: [round(float(v), 6) for v in s] for n, s in chain.importance.items()},
+        "gates": {n: round(float(v), 6) for n, v in chain.gates.items()},
+        "removed": chain.subnetwork.removed_gates,
+    }
+    (out / "importance.json").write_text(json.dumps(importance, indent=1))
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    (out / "summary.txt").write_text(
+        chain.summary() + "\n" + fidelity_line(summary["fidelity"]) + "\n"
+    )
+    chain.history_frame().to_csv(out / "history.csv", index=False)
+    if frame is not None:
+        frame.to_csv(out / "fidelity.csv", index=False)
+    save_file({"inputs": inputs.detach().cpu().contiguous()}, str(out / "region.safetensors"))
+    plot_layer_scores(chain, out / "layer_scores.png")

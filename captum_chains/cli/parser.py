@@ -1,0 +1,202 @@
+"""The argument parser of ``captum-chains``."""
+
+from __future__ import annotations
+
+import argparse
+
+from captum_chains.cli.commands import (
+    cmd_demo,
+    cmd_evaluate,
+    cmd_export,
+    cmd_extract,
+    cmd_show,
+    cmd_study,
+)
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers, got {text!r}"
+        ) from None
+
+
+def _common_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("run options")
+    group.add_argument(
+        "--device", default="auto", help="cpu, cuda, cuda:N or mps (default: CUDA if available)"
+    )
+    group.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    group.add_argument(
+        "--quiet", "-q", action="store_true", help="no progress bars or info messages"
+    )
+    return common
+
+
+def _model_parser(required: bool) -> argparse.ArgumentParser:
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        required=required,
+        help="efficientnet_lite0 (offline ImageNet weights), digits_vgg|digits_resnet|digits_vit, "
+        "a timm or torchvision name (with --weights; prefix timm: or torchvision: to choose), "
+        "or a path to a torch.save'd nn.Module or state dict (with --arch)"
+        + ("" if required else "; default: the model recorded in the chain folder"),
+    )
+    group.add_argument("--weights", help="state dict (.pt/.pth/.safetensors) for --model NAME")
+    group.add_argument("--arch", help="architecture name of a state-dict file given as --model")
+    group.add_argument("--num-classes", type=int, help="classifier width of --model NAME")
+    return parent
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("NeuroChains settings (default: the paper's)")
+    group.add_argument("--steps", type=int, help="maximum optimization steps (default 300)")
+    group.add_argument("--lr", type=float, help="Adam learning rate of the scores (default 0.005)")
+    group.add_argument("--l1", type=float, help="lambda, l1 weight (default: per model family)")
+    group.add_argument("--gate-penalty", type=float, help="lambda_g (default: per model family)")
+    group.add_argument("--no-gates", action="store_true", help="score filters only, no gates")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``captum-chains``."""
+    common = _common_parser()
+    parser = argparse.ArgumentParser(
+        prog="captum-chains",
+        description="NeuroChains sub-network explanations (Wang, Zhou & Bilmes, TMLR 2022) from "
+        "the command line. Nothing is downloaded.",
+        epilog="example: captum-chains extract --model efficientnet_lite0 --images photos/ "
+        "--n-crops 20 --out chain_out && captum-chains show chain_out",
+    )
+    from captum_chains import __version__
+
+    parser.add_argument("--version", action="version", version=f"captum-chains {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    p = sub.add_parser(
+        "extract",
+        parents=[_model_parser(True), common],
+        help="extract the chain of a model on images and write a chain folder",
+        description="Extract the NeuroChains chain of a model on a local region of images and "
+        "write it to a chain folder (sub-network, importance, summary, figure).",
+    )
+    group = p.add_argument_group("inputs and output")
+    group.add_argument("--images", required=True, help="folder of images, an image, or a glob")
+    group.add_argument(
+        "--n-crops",
+        type=int,
+        help="build the region from this many random crops of the images (default: one input "
+        "per image)",
+    )
+    group.add_argument(
+        "--target",
+        help="class(es) whose probability to preserve: an index, one index per input "
+        "(comma-separated), 'predicted', or an ImageNet class name; default: the whole output "
+        "distribution (the paper's objective)",
+    )
+    group.add_argument("--layers", nargs="+", help="score only these unit layers / modules")
+    group.add_argument("--out", default="chain_out", help="chain folder (default chain_out)")
+    group.add_argument("--force", action="store_true", help="replace a chain already in --out")
+    group.add_argument("--size", type=int, help="input side (default: the model's)")
+    group.add_argument("--mean", type=_floats, help="normalization mean, comma-separated")
+    group.add_argument("--std", type=_floats, help="normalization std, comma-separated")
+    group.add_argument("--batch-size", type=int, default=64, help="inputs per evaluation pass")
+    _config_args(p)
+    p.set_defaults(func=cmd_extract)
+
+    p = sub.add_parser(
+        "show",
+        parents=[_model_parser(False), common],
+        help="print the summary of a chain folder",
+        description="Reload a chain folder (model and sub-network) and print its summary.",
+    )
+    p.add_argument("dir", help="chain folder written by extract")
+    p.add_argument("--json", action="store_true", help="print summary.json instead")
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "export",
+        parents=[_model_parser(False), common],
+        help="save the chain as a standalone smaller network (torch.export or ONNX)",
+        description="Export the chain's sub-network as a standalone, physically smaller network "
+        "of exactly copied filters, checked against the SubNetwork on the region.",
+    )
+    p.add_argument("dir", help="chain folder written by extract")
+    p.add_argument(
+        "--format",
+        choices=("pt", "onnx"),
+        default="pt",
+        help="pt: a torch.export program (.pt2; load with torch.export.load(path).module()); "
+        "onnx: ONNX (default pt)",
+    )
+    p.add_argument("--output", help="output file (default DIR/exported.pt2 or DIR/exported.onnx)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "evaluate",
+        parents=[_model_parser(False), common],
+        help="fidelity of a chain on its region or on other images",
+        description="Fidelity of the sub-network to the model: top-1 agreement, drop of the "
+        "original class probability and KL, on the chain's region or on --images.",
+    )
+    p.add_argument("dir", help="chain folder written by extract")
+    p.add_argument("--images", help="folder, image or glob (default: the chain's region)")
+    p.add_argument("--n-crops", type=int, help="random crops of the images instead of one each")
+    p.add_argument("--out", help="output folder (default DIR/evaluation)")
+    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "study",
+        parents=[_model_parser(True), common],
+        help="NeuroChains and every metric on many regions",
+        description="Sample regions with the paper's protocol (classes x images the model "
+        "classifies with high confidence), extract their chains and evaluate every metric; "
+        "resumable (captum_chains.studies.run_study).",
+    )
+    p.add_argument(
+        "--data",
+        required=True,
+        help="'digits' (scikit-learn digits, with a held-out pool for stability) or a folder or "
+        "glob of images",
+    )
+    p.add_argument("--out", required=True, help="study folder")
+    p.add_argument("--regions", type=int, default=10, help="number of regions (default 10)")
+    p.add_argument("--classes-per-region", type=int, default=2)
+    p.add_argument("--per-class", type=int, default=10)
+    p.add_argument("--min-confidence", type=float, default=0.95)
+    p.add_argument("--metrics", help="comma-separated subset of the study metrics")
+    p.add_argument("--backend", choices=("serial", "ray"), default="serial")
+    p.add_argument("--workers", type=int, help="Ray workers")
+    _config_args(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="the README's demo: EfficientNet-Lite0 on real photos",
+        description="Extract the chain of the real ImageNet EfficientNet-Lite0 on random crops "
+        "of scikit-image's chelsea and coffee photos (about 10 minutes on 2 CPU cores).",
+    )
+    p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    p.add_argument("--n-crops", type=int, default=20, help="crops in the region (default 20)")
+    p.add_argument("--steps", type=int, default=300, help="optimization steps (default 300)")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def help_text(command: str | None = None) -> str:
+    """The ``--help`` text of ``captum-chains`` or of one of its commands."""
+    parser = build_parser()
+    if command is None:
+        return parser.format_help()
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command].format_help()
+    raise ValueError(
+        f"no command {command!r}; commands: extract, show, export, evaluate, study, demo"
+    )

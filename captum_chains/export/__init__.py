@@ -1,0 +1,43 @@
+"""Exact physical export of a SubNetwork: a standalone module with only the kept filters.
+
+Public API
+----------
+export_subnetwork(subnetwork, **kw) -> ExportedSubNetwork
+    The export (also ``SubNetwork.export()``).
+verify(exported, subnetwork, inputs) -> float
+    Max absolute difference between export and SubNetwork.
+ExportReport, count_parameters, count_macs
+    Size before/after (parameters, multiply-accumulates).
+Rule, ChannelInfo, Decline, register_module_rule, register_function_rule, register_method_rule
+    Extension point: teach the export a new layer type (see ``docs/export.md``).
+"""
+
+from captum_chains.export.api import ExportedSubNetwork, check_model, export_subnetwork
+from captum_chains.export.report import ExportReport, count_macs, count_parameters, verify
+from captum_chains.export.rules import (
+    ChannelInfo,
+    Decline,
+    Rule,
+    register_function_rule,
+    register_method_rule,
+    register_module_rule,
+)
+from captum_chains.export.tracing import CANONICALIZERS, ExportError
+
+__all__ = [
+    "CANONICALIZERS",
+    "ChannelInfo",
+    "Decline",
+    "ExportError",
+    "ExportReport",
+    "ExportedSubNetwork",
+    "Rule",
+    "check_model",
+    "count_macs",
+    "count_parameters",
+    "export_subnetwork",
+    "register_function_rule",
+    "register_method_rule",
+    "register_module_rule",
+    "verify",
+]

@@ -1,0 +1,351 @@
+"""Rules for layers with weights: convolutions (dense, grouped, depthwise), linear layers,
+batch normalization, and normalizations that mix channels (LayerNorm, GroupNorm).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from captum_chains.export.analysis import Analysis
+from captum_chains.export.build import Builder, shallow_clone, take
+from captum_chains.export.rules import (
+    ChannelInfo,
+    Decline,
+    Layout,
+    Rule,
+    register_function_rule,
+    register_module_rule,
+)
+from captum_chains.export.rules_ops import PerChannelRule
+
+
+def _mask(a: Analysis, node: fx.Node, out_needed: torch.Tensor | bool) -> torch.Tensor:
+    size = a.info[node].size  # type: ignore[union-attr]
+    if isinstance(out_needed, torch.Tensor):
+        return out_needed
+    return torch.full((size,), bool(out_needed))
+
+
+def _scale_rows(module: nn.Module, scale: torch.Tensor) -> bool:
+    """Multiply a layer's output channels (weight rows, bias) by ``scale``."""
+    w = module.weight
+    view = [-1] + [1] * (w.ndim - 1)
+    with torch.no_grad():
+        w.mul_(scale.to(w.dtype).view(view))
+        if getattr(module, "bias", None) is not None:
+            module.bias.mul_(scale.to(w.dtype))
+    return True
+
+
+# --------------------------------------------------------------------------- dense
+class _Dense(Rule):
+    """Shared parts of convolutions and linear layers: ``out[o] = sum_c W[o, c] * in[c] + b[o]``."""
+
+    def _connectivity(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+        """Bool ``[out, in_channels]``: which input channel reaches which output channel."""
+        raise NotImplementedError
+
+    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+        m = a.module(node)
+        conn = self._connectivity(a, node)
+        x = node.args[0]
+        nz_in = a.nonzero_of(x)
+        hit = conn.any(1) if nz_in is None else (conn & nz_in.view(1, -1)).any(1)
+        if getattr(m, "bias", None) is not None:
+            hit = hit | (m.bias.detach().cpu() != 0)
+        return hit
+
+    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+        mask = _mask(a, node, out_needed)
+        x = node.args[0]
+        if not a.has_channels(x):
+            return {x: bool(mask.any())}
+        return {x: (self._connectivity(a, node) & mask.view(-1, 1)).any(0)}
+
+    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
+        return _scale_rows(module, scale)
+
+
+class ConvRule(_Dense):
+    """``nn.Conv1d/2d/3d`` and subclasses (e.g. timm's ``Conv2dSame``).
+
+    Dense convolutions read any subset of input channels; grouped and depthwise ones
+    keep the groups that have a needed output, each group padded to a common number
+    of input and output channels with zero-weight placeholders.
+    """
+
+    leaf = True
+    name = "conv"
+
+    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+        m = a.module(node)
+        if len(node.args) != 1 or node.kwargs:
+            raise Decline
+        x = node.args[0]
+        if a.has_channels(x):
+            info = a.info[x]  # type: ignore[index]
+            if info.dim != 1 or info.width != 1 or info.size != m.in_channels:  # type: ignore[union-attr]
+                raise Decline
+        elif m.groups > 1:
+            raise Decline
+        return ChannelInfo(1, m.out_channels)
+
+    def _connectivity(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+        cached = node.meta.get("export_conn")
+        if cached is not None:
+            return cached
+        m = a.module(node)
+        w = m.weight.detach().abs().flatten(2).sum(-1).cpu() != 0  # [out, in/g]
+        g = m.groups
+        out_pg, in_pg = m.out_channels // g, m.in_channels // g
+        conn = torch.zeros(m.out_channels, m.in_channels, dtype=torch.bool)
+        for k in range(g):
+            conn[k * out_pg : (k + 1) * out_pg, k * in_pg : (k + 1) * in_pg] = w[
+                k * out_pg : (k + 1) * out_pg
+            ]
+        node.meta["export_conn"] = conn
+        return conn
+
+    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+        m = a.module(node)
+        rows = a.layout[node]
+        x = node.args[0]
+        if m.groups == 1:
+            x_new, cols = b.actual(x)  # type: ignore[arg-type]
+            weight = take(m.weight.detach(), rows, 0)
+            if cols is not None:
+                weight = take(weight, cols, 1)
+            new = self._conv(m, weight, rows, groups=1)
+            name = b.add_module(str(node.target), new)
+            return b.set(node, b.graph.call_module(name, (x_new,)), rows)
+        return self._build_grouped(a, b, node, m, rows)
+
+    def _conv(self, m: nn.Module, weight: torch.Tensor, rows: torch.Tensor, groups: int) -> nn.Module:
+        new = shallow_clone(m)
+        new.weight = nn.Parameter(weight)
+        if m.bias is not None:
+            new.bias = nn.Parameter(take(m.bias.detach(), rows, 0))
+        new.out_channels = weight.shape[0]
+        new.in_channels = weight.shape[1] * groups
+        new.groups = groups
+        return new
+
+    def _build_grouped(
+        self, a: Analysis, b: Builder, node: fx.Node, m: nn.Module, rows: torch.Tensor
+    ) -> Layout:
+        g = m.groups
+        out_pg, in_pg = m.out_channels // g, m.in_channels // g
+        x = node.args[0]
+        conn = self._connectivity(a, node)
+        nz_in = a.nz[x]  # type: ignore[index]
+        groups: dict[int, list[int]] = {}
+        for o in rows.tolist():
+            groups.setdefault(max(o, 0) // out_pg, []).append(o)
+        outs, ins = [], []
+        for k, members in sorted(groups.items()):
+            real = [o for o in members if o >= 0]
+            reach = conn[real].any(0) if real else torch.zeros(m.in_channels, dtype=torch.bool)
+            cols = [c for c in range(k * in_pg, (k + 1) * in_pg) if reach[c] and nz_in[c]]
+            outs.append(members)
+            ins.append(cols)
+        m_out = max(len(o) for o in outs)
+        m_in = max(1, max(len(c) for c in ins))
+        out_idx, in_idx, local = [], [], []
+        for k, (members, cols) in zip(sorted(groups), zip(outs, ins)):
+            out_idx += members + [-1] * (m_out - len(members))
+            padded = cols + [-1] * (m_in - len(cols))
+            in_idx += padded
+            local.append([c - k * in_pg if c >= 0 else -1 for c in padded])
+        out_t, in_t = torch.tensor(out_idx), torch.tensor(in_idx)
+        weight = take(m.weight.detach(), out_t, 0)  # [G'*m_out, in_pg, ...]
+        col = torch.tensor(local).repeat_interleave(m_out, 0)  # [G'*m_out, m_in]
+        gather = col.clamp(min=0).view(*col.shape, *([1] * (weight.ndim - 2)))
+        weight = weight.gather(1, gather.expand(-1, -1, *weight.shape[2:]).to(weight.device))
+        keep = (col >= 0).view(*col.shape, *([1] * (weight.ndim - 2))).to(weight.device)
+        weight = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype))
+        new = self._conv(m, weight.contiguous(), out_t, groups=len(groups))
+        x_new = b.value(x, in_t)
+        name = b.add_module(str(node.target), new)
+        return b.set(node, b.graph.call_module(name, (x_new,)), out_t)
+
+
+class LinearRule(_Dense):
+    """``nn.Linear`` on the last dimension (flattened maps: one column block per channel)."""
+
+    leaf = True
+    name = "linear"
+
+    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+        m = a.module(node)
+        x = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        shape = a.shape(x)
+        if shape is None:
+            raise Decline
+        if a.has_channels(x):
+            info = a.info[x]  # type: ignore[index]
+            if info.dim != len(shape) - 1 or info.size * info.width != m.in_features:  # type: ignore[union-attr]
+                raise Decline
+        return ChannelInfo(len(shape) - 1, m.out_features)
+
+    def _width(self, a: Analysis, node: fx.Node) -> int:
+        x = node.args[0]
+        return a.info[x].width if a.has_channels(x) else 1  # type: ignore[union-attr]
+
+    def _connectivity(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+        m = a.module(node)
+        w = self._width(a, node)
+        nzw = m.weight.detach().cpu() != 0
+        return nzw.view(m.out_features, -1, w).any(-1)
+
+    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+        m = a.module(node)
+        rows = a.layout[node]
+        x = node.args[0]
+        x_new, cols = b.actual(x)  # type: ignore[arg-type]
+        weight = take(m.weight.detach(), rows, 0)
+        if cols is not None:
+            w = self._width(a, node)
+            elem = (cols.clamp(min=0).repeat_interleave(w) * w + torch.arange(w).repeat(len(cols)))
+            elem = torch.where(cols.repeat_interleave(w) >= 0, elem, torch.full_like(elem, -1))
+            weight = take(weight, elem, 1)
+        new = shallow_clone(m)
+        new.weight = nn.Parameter(weight)
+        if m.bias is not None:
+            new.bias = nn.Parameter(take(m.bias.detach(), rows, 0))
+        new.in_features, new.out_features = weight.shape[1], weight.shape[0]
+        name = b.add_module(str(node.target), new)
+        return b.set(node, b.graph.call_module(name, (x_new,)), rows)
+
+
+# --------------------------------------------------------------------------- norms
+class BatchNormRule(PerChannelRule):
+    """``nn.BatchNorm1d/2d/3d`` in eval mode: a per-channel affine map, sliced."""
+
+    leaf = True
+
+    def __init__(self) -> None:
+        super().__init__("batchnorm", spatial=True)
+
+    def input_scale(self, a: Analysis, node: fx.Node) -> torch.Tensor | None:
+        m = a.module(node)
+        return None if m.weight is None else m.weight.detach().cpu()
+
+    def sliced_module(self, a: Analysis, node: fx.Node, layout: torch.Tensor) -> nn.Module:
+        m = a.module(node)
+        new = shallow_clone(m)
+        new.num_features = len(layout)
+        if m.weight is not None:
+            new.weight = nn.Parameter(take(m.weight.detach(), layout, 0))
+            new.bias = nn.Parameter(take(m.bias.detach(), layout, 0))
+        if m.running_mean is not None:
+            new.running_mean = take(m.running_mean, layout, 0)
+            var = take(m.running_var, layout, 0)
+            new.running_var = torch.where(layout.to(var.device) >= 0, var, torch.ones_like(var))
+        return new
+
+    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
+        if module.weight is None:
+            return False
+        with torch.no_grad():
+            module.weight.mul_(scale.to(module.weight.dtype))
+            module.bias.mul_(scale.to(module.bias.dtype))
+        return True
+
+
+class ChannelNormRule(Rule):
+    """Normalizations whose statistics mix channels (LayerNorm over channels, GroupNorm).
+
+    Every input channel takes part in the statistics, so the input is kept whole
+    (removed channels enter as the zeros they are); the output can be sliced by the
+    layers that follow, and scores after it fold into its per-channel affine.
+    """
+
+    leaf = True
+    name = "channel norm"
+
+    def _normalizes_channels(self, a: Analysis, node: fx.Node, info: ChannelInfo) -> bool:
+        shape = a.shape(node.args[0])
+        assert shape is not None
+        if node.op == "call_module":
+            m = a.module(node)
+            if isinstance(m, nn.GroupNorm):
+                return info.dim == 1
+            k = len(m.normalized_shape)
+        elif node.target is F.group_norm:
+            return info.dim == 1
+        else:
+            norm_shape = node.args[1] if len(node.args) > 1 else node.kwargs.get("normalized_shape")
+            k = len(norm_shape) if isinstance(norm_shape, (tuple, list)) else 1
+        return info.dim >= len(shape) - k
+
+    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+        x = node.args[0]
+        if not a.has_channels(x):
+            raise Decline
+        info = a.info[x]
+        assert info is not None
+        if info.width != 1 or not self._normalizes_channels(a, node, info):
+            raise Decline
+        if a.shape(node) != a.shape(x):
+            raise Decline
+        return info
+
+    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+        if not bool(_mask(a, node, out_needed).any()):
+            return {}
+        return {inp: True for inp in node.all_input_nodes}
+
+    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+        info = a.info[node]
+        assert info is not None
+        full = torch.arange(info.size)
+        args = fx.node.map_arg(node.args, lambda n: b.value(n, None))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: b.value(n, None))
+        module = None
+        if node.op == "call_module":
+            module = shallow_clone(a.module(node))
+            for pname, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[pname] = nn.Parameter(p.detach().clone())
+        new = b.emit(node, args, kwargs, module=module)  # type: ignore[arg-type]
+        return b.set(node, new, full)
+
+    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
+        weight = getattr(module, "weight", None)
+        bias = getattr(module, "bias", None)
+        if weight is None or bias is None or weight.ndim != 1:
+            return False
+        with torch.no_grad():
+            weight.mul_(scale.to(weight.dtype))
+            bias.mul_(scale.to(bias.dtype))
+        return True
+
+
+def _conv_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Conv1d, nn.Conv2d, nn.Conv3d]
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+
+        types.append(Conv2dSame)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _register() -> None:
+    # exact types only: subclasses may transform their weights in forward (e.g. weight
+    # standardization), which slicing would change; they are traced through instead
+    conv_types = _conv_types()
+    register_module_rule(conv_types, ConvRule(), when=lambda m: type(m) in conv_types)
+    linear_types = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    register_module_rule(nn.Linear, LinearRule(), when=lambda m: type(m) in linear_types)
+    bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+    register_module_rule(bn_types, BatchNormRule(), when=lambda m: type(m) in bn_types)
+    norm_types = (nn.LayerNorm, nn.GroupNorm)
+    register_module_rule(norm_types, ChannelNormRule(), when=lambda m: type(m) in norm_types)
+    register_function_rule([F.layer_norm, F.group_norm], ChannelNormRule())
+
+
+_register()

@@ -1,0 +1,374 @@
+"""``InteractionPrimitives``: AND-OR interactions shared across models, as a Captum method.
+
+Chen, Lou, Huang & Zhang, "Defining and Extracting Generalizable Interaction Primitives
+from DNNs", ICLR 2024. One call evaluates every model on all ``2**n`` masked samples of
+each input (batched, chunked), then finds the sparsest AND-OR decomposition of each
+model's value — jointly across models with Eq. (6) (``method="shared"``) or per model
+with Eq. (4) (``method="single"``) — and returns an :class:`InteractionResult`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from captum.attr import PerturbationAttribution
+
+from captum_chains.interactions.evaluate import chunk_size, evaluate_values
+from captum_chains.interactions.optimize import (
+    Problem,
+    SolverConfig,
+    decompose,
+    objective,
+    solve,
+)
+from captum_chains.interactions.players import (
+    BaselineSpec,
+    resolve_baselines,
+    validate_players,
+)
+from captum_chains.interactions.result import InteractionResult
+from captum_chains.interactions.values import TargetType, ValueFn, format_target, resolve_value
+
+METHODS = ("shared", "single")
+# float64 values + float32 parameters, Adam moments, gradients and intermediates
+_BYTES_PER_ENTRY = 128
+
+
+class InteractionPrimitives(PerturbationAttribution):
+    """Generalizable AND-OR interaction primitives (Chen et al., ICLR 2024).
+
+    Parameters
+    ----------
+    forward_func : callable or sequence of callables
+        One model, or ``m >= 2`` models trained for the same task. Each takes the
+        (masked) input tensors followed by ``additional_forward_args`` and returns
+        ``[K, classes]`` scores (or ``[K]`` for one score).
+    value : str or callable
+        ``v(x_T)``: ``"log_odds"`` (default, the paper's), ``"logit"``, ``"probability"``,
+        ``"log_probability"`` or ``f(output [K, ...], target [K] | None) -> [K]``.
+    model_names : sequence of str, optional
+        Names for the result (default: class names).
+
+    Examples
+    --------
+    >>> ip = InteractionPrimitives([model_a, model_b])                  # doctest: +SKIP
+    >>> mask = patch_grid_mask(32, 32, 3, 3)                            # doctest: +SKIP
+    >>> res = ip.attribute(x, baselines="min", target=y, feature_mask=mask)  # doctest: +SKIP
+    >>> res.s_and, res.top("and", sample=0, model=0, k=5)               # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        forward_func: Callable[..., torch.Tensor] | Sequence[Callable[..., torch.Tensor]],
+        value: str | ValueFn = "log_odds",
+        model_names: Sequence[str] | None = None,
+    ) -> None:
+        funcs = (
+            list(forward_func) if isinstance(forward_func, list | tuple) else [forward_func]
+        )
+        if not funcs:
+            raise ValueError("forward_func must be a callable or a non-empty list of callables")
+        for k, f in enumerate(funcs):
+            if not callable(f):
+                raise TypeError(f"forward_func[{k}] is not callable ({type(f).__name__})")
+        super().__init__(forward_func)
+        self.forward_funcs: tuple[Callable[..., torch.Tensor], ...] = tuple(funcs)
+        self.value_fn = resolve_value(value)
+        if model_names is None:
+            names = [type(f).__name__ for f in funcs]
+            model_names = [f"{nm}[{k}]" if names.count(nm) > 1 else nm for k, nm in enumerate(names)]
+        if len(model_names) != len(funcs):
+            raise ValueError(
+                f"model_names has {len(model_names)} entries for {len(funcs)} models"
+            )
+        self.model_names = tuple(model_names)
+
+    @property
+    def num_models(self) -> int:
+        return len(self.forward_funcs)
+
+    # ------------------------------------------------------------------ values
+    def compute_values(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor, ...],
+        baselines: BaselineSpec | Sequence[BaselineSpec] = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        feature_mask: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        *,
+        batch_size: int | None = None,
+        memory_budget_mb: float = 1024.0,
+        max_players: int = 16,
+        progress: bool = True,
+    ) -> torch.Tensor:
+        """``v(x_T)`` of every model on all ``2**n`` masked samples, ``[B, m, 2**n]`` float64.
+
+        Every argument is checked before the first forward pass: the feature mask (ids
+        ``0..n-1`` without gaps, shape), ``n`` against ``max_players`` and the memory
+        budget, the baselines' shape and the target. See :meth:`attribute`.
+        """
+        inps = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
+        if not inps or not all(isinstance(x, torch.Tensor) for x in inps):
+            raise TypeError("inputs must be a tensor or a tuple of tensors")
+        batch = inps[0].shape[0] if inps[0].dim() > 0 else 0
+        if batch < 1 or any(x.dim() == 0 or x.shape[0] != batch for x in inps):
+            raise ValueError(
+                f"inputs must share a batch dimension >= 1; got shapes {[tuple(x.shape) for x in inps]}"
+            )
+        players = validate_players(inps, feature_mask)
+        self._check_size(players.n, batch, max_players, memory_budget_mb)
+        bases = resolve_baselines(inps, baselines)
+        tgt = format_target(target, batch, inps[0].device)
+        if additional_forward_args is None:
+            extra: tuple[Any, ...] = ()
+        elif isinstance(additional_forward_args, tuple):
+            extra = additional_forward_args
+        else:
+            extra = (additional_forward_args,)
+        chunk = chunk_size(inps, memory_budget_mb, batch_size)
+        out = []
+        for name, f in zip(self.model_names, self.forward_funcs, strict=True):
+            out.append(
+                evaluate_values(
+                    f, inps, bases, players, tgt, self.value_fn, extra, chunk, progress,
+                    desc=f"v(x_T) {name}",
+                )
+            )
+        return torch.stack(out, dim=1)
+
+    def _check_size(self, n: int, batch: int, max_players: int, memory_budget_mb: float) -> None:
+        if n > max_players:
+            raise ValueError(
+                f"{n} players means 2**{n} = {2**n} masked samples per input and model; the "
+                f"limit is max_players={max_players}. Use fewer, larger players (a coarser "
+                "patch grid or fewer superpixels) or raise max_players"
+            )
+        need = batch * self.num_models * (1 << n) * _BYTES_PER_ENTRY
+        budget = memory_budget_mb * 2**20
+        if need > budget:
+            raise ValueError(
+                f"n={n} players for {batch} inputs and {self.num_models} models needs about "
+                f"{need / 2**20:.0f} MiB for the 2**n values and the optimisation, more than "
+                f"memory_budget_mb={memory_budget_mb:g}. Use fewer players, fewer inputs per "
+                "call, or a larger memory_budget_mb"
+            )
+
+    # ----------------------------------------------------------------- extract
+    def extract(
+        self,
+        values: torch.Tensor,
+        *,
+        method: str | None = None,
+        player_names: Sequence[str] | None = None,
+        alpha: float = 0.1,
+        weighting: str = "paper",
+        noise_bound: float = 0.02,
+        gamma_bound: float = 0.5,
+        gamma_scale: float | Sequence[float] | torch.Tensor | None = None,
+        subtract_empty: bool = True,
+        top_k: int | float = 0.05,
+        threshold: float | None = None,
+        merge_low_order: bool = True,
+        solver: str | SolverConfig = "adam",
+        progress: bool = True,
+    ) -> InteractionResult:
+        """Sparsest AND-OR decomposition of precomputed values ``[B, m, 2**n]``.
+
+        See :meth:`attribute` for the parameters; ``values`` come from
+        :meth:`compute_values` (so that several methods can share one evaluation).
+        """
+        if values.dim() != 3:
+            raise ValueError(f"values must be [B, m, 2**n], got shape {tuple(values.shape)}")
+        batch, m, size = values.shape
+        n = size.bit_length() - 1
+        if 1 << n != size:
+            raise ValueError(f"the last dimension of values must be 2**n, got {size}")
+        method = method or ("shared" if m >= 2 else "single")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method == "shared" and m < 2:
+            raise ValueError("method='shared' needs at least two models; use method='single'")
+        if not noise_bound >= 0 or not gamma_bound >= 0:
+            raise ValueError(
+                f"noise_bound and gamma_bound must be >= 0, got {noise_bound}, {gamma_bound}"
+            )
+        names = self._player_names(player_names, n)
+        config = SolverConfig(method=solver) if isinstance(solver, str) else solver
+        values = values.double()
+        v_empty = values[..., 0].clone()
+        if subtract_empty:
+            values = values - v_empty[..., None]
+        spread = (values[..., -1] - values[..., 0]).abs()  # [B, m]
+        q = noise_bound * spread
+        p = None
+        if method == "shared":
+            if gamma_scale is None:
+                scale = spread.mean(dim=0)
+            else:
+                scale = torch.as_tensor(gamma_scale, dtype=torch.float64, device=values.device)
+                scale = scale.expand(m).clone()
+            p = gamma_bound * scale
+        problem = Problem(values, q, p, method == "shared", alpha, weighting)
+        sol = solve(problem, config, progress=progress)
+        i_and, i_or = decompose(values, sol.gamma, sol.noise)
+        loss = objective(i_and, i_or, problem.shared, alpha, weighting)
+        return InteractionResult(
+            i_and=i_and,
+            i_or=i_or,
+            values=values,
+            noise=sol.noise,
+            gamma=sol.gamma,
+            noise_bound=q,
+            v_empty=v_empty,
+            player_names=names,
+            model_names=self.model_names if len(self.model_names) == m else tuple(
+                f"model{i}" for i in range(m)
+            ),
+            method=method,
+            loss=loss,
+            top_k=top_k,
+            threshold=threshold,
+            merge_low_order=merge_low_order,
+            timings={"optimization": sol.seconds},
+            history=sol.history,
+        )
+
+    @staticmethod
+    def _player_names(player_names: Sequence[str] | None, n: int) -> tuple[str, ...]:
+        if player_names is None:
+            return tuple(f"p{i}" for i in range(n))
+        names = tuple(str(s) for s in player_names)
+        if len(names) != n:
+            raise ValueError(f"player_names has {len(names)} names for {n} players")
+        if len(set(names)) != n:
+            raise ValueError("player_names must be unique")
+        return names
+
+    # --------------------------------------------------------------- attribute
+    def attribute(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor, ...],
+        baselines: BaselineSpec | Sequence[BaselineSpec] = None,
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        feature_mask: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
+        *,
+        method: str | None = None,
+        player_names: Sequence[str] | None = None,
+        alpha: float = 0.1,
+        weighting: str = "paper",
+        noise_bound: float = 0.02,
+        gamma_bound: float = 0.5,
+        gamma_scale: float | Sequence[float] | torch.Tensor | None = None,
+        subtract_empty: bool = True,
+        top_k: int | float = 0.05,
+        threshold: float | None = None,
+        merge_low_order: bool = True,
+        solver: str | SolverConfig = "adam",
+        batch_size: int | None = None,
+        memory_budget_mb: float = 1024.0,
+        max_players: int = 16,
+        progress: bool = True,
+    ) -> InteractionResult:
+        """Extract AND-OR interactions of every model on every input.
+
+        Parameters
+        ----------
+        inputs : Tensor or tuple of Tensor
+            ``[B, ...]`` inputs (images, tabular rows, embeddings, token ids).
+        baselines : number, str, Tensor, or a tuple of them (one per input tensor)
+            Value of a masked player: ``None``/``"zero"``, a number, ``"mean"``,
+            ``"min"``, ``"blur"`` or a tensor broadcastable to the input (e.g. a
+            baseline embedding ``[1, L, D]``).
+        target : int, list of int, Tensor, or None
+            Class whose value is decomposed (Captum formats; one per sample or shared).
+            ``None`` only for models with a single output.
+        additional_forward_args : any
+            Extra forward arguments; tensors with first dimension ``B`` follow their
+            sample.
+        feature_mask : Tensor or tuple of Tensor
+            Player id of every input entry (``0 .. n-1``, ``-1``: not a player, kept),
+            broadcastable to the input; see ``patch_grid_mask``, ``slic_mask``,
+            ``token_mask``.
+        method : {"shared", "single"}, optional
+            Eq. (6) across models (default for ``m >= 2``) or Eq. (4) per model.
+        player_names : sequence of str, optional
+            Names used when listing interactions (default ``p0, p1, ...``).
+        alpha : float
+            Weight of the sum term in Eq. (6).
+        weighting : {"paper", "code"}
+            ``max + α sum`` (paper, Eq. 6) or ``(1 - α) max + α sum`` (reference code).
+        noise_bound : float
+            ``|ε_T| <= noise_bound * |v(x_N) - v(x_∅)|``.
+        gamma_bound : float
+            ``|γ̂^(i)_T| <= gamma_bound * E_x |v^(i)(x_N) - v^(i)(x_∅)|`` (shared method).
+        gamma_scale : float or sequence, optional
+            Replaces the expectation above (per model), so that one sample's result does
+            not depend on the rest of the batch. Default: the mean over this batch.
+        subtract_empty : bool
+            Decompose ``v(x_T) - v(x_∅)`` (the reference code's default).
+        top_k, threshold
+            Salient sets ``Ω``: the top-k (count, or fraction of ``2**n - 1``) or
+            ``|I| > threshold``.
+        merge_low_order : bool
+            Merge OR into AND for ``|S| <= 1`` in statistics (identical atoms).
+        solver : str or SolverConfig
+            ``"adam"`` (fast, default), ``"sgd"`` (the reference optimiser) or ``"lp"``
+            (exact, small ``n``).
+        batch_size : int, optional
+            Masked samples per forward pass; default from ``memory_budget_mb``.
+        memory_budget_mb : float
+            Bound for the values/optimisation state (checked before any forward pass)
+            and for the chunk of masked inputs.
+        max_players : int
+            Refuse larger ``n`` (``2**n`` forward passes per input and model).
+        progress : bool
+            tqdm progress bars.
+
+        Returns
+        -------
+        InteractionResult
+        """
+        start = time.perf_counter()
+        # validate the decomposition settings before any forward pass as well
+        if method is not None and method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if (method or ("shared" if self.num_models >= 2 else "single")) == "shared" and (
+            self.num_models < 2
+        ):
+            raise ValueError("method='shared' needs at least two models; use method='single'")
+        if isinstance(solver, str):
+            solver = SolverConfig(method=solver)
+        values = self.compute_values(
+            inputs,
+            baselines,
+            target,
+            additional_forward_args,
+            feature_mask,
+            batch_size=batch_size,
+            memory_budget_mb=memory_budget_mb,
+            max_players=max_players,
+            progress=progress,
+        )
+        evaluated = time.perf_counter()
+        result = self.extract(
+            values,
+            method=method,
+            player_names=player_names,
+            alpha=alpha,
+            weighting=weighting,
+            noise_bound=noise_bound,
+            gamma_bound=gamma_bound,
+            gamma_scale=gamma_scale,
+            subtract_empty=subtract_empty,
+            top_k=top_k,
+            threshold=threshold,
+            merge_low_order=merge_low_order,
+            solver=solver,
+            progress=progress,
+        )
+        result.timings["evaluation"] = evaluated - start
+        return result

