@@ -470,6 +470,25 @@ def test_export_onnx_is_a_valid_model(chain_dir: Path, capsys: pytest.CaptureFix
     assert f"wrote {target}" in out
 
 
+def test_study_on_digits(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    studies = pytest.importorskip("captum_chains.studies")
+    out = work / "study"
+    code, stdout, err = _main(
+        [
+            *("study", "--model", "digits_vgg", "--weights", str(work / "vgg.pt")),
+            *("--data", "digits", "--out", str(out), "--regions", "2"),
+            *("--classes-per-region", "1", "--per-class", "3", "--min-confidence", "0"),
+            *("--metrics", "fidelity", "--steps", "10", "--gate-penalty", "0.05", "-q"),
+        ],
+        capsys,
+    )
+    assert code == 0, err
+    summary = studies.load_study(out).summary()
+    assert summary["regions"] == 2 and summary["failed"] == 0
+    assert f"{summary['median_kept_percent']:.4f}" in stdout
+    assert json.loads((out / "model.json").read_text())["name"] == "digits_vgg"
+
+
 def test_demo_delegates_to_run_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     import captum_chains.demo
 

@@ -19,7 +19,7 @@ from captum.attr import IntegratedGradients, LayerGradCam, Saliency
 from conftest import make_inputs, make_model
 from hypothesis import given
 from hypothesis import strategies as st
-from matplotlib.collections import PathCollection
+from matplotlib.collections import LineCollection, PathCollection
 from scipy.stats import norm
 from torch import nn
 
@@ -376,14 +376,19 @@ def test_strongest_paths_follow_the_heaviest_edges():
     assert paths[1] == (["a.1", "b.1", "c.1"], pytest.approx(0.5))
 
 
-def test_chain_figure_draws_the_top_filters_of_each_layer(plain):
+@pytest.mark.parametrize("source", ["weights", "chains"])
+def test_chain_figure_draws_the_top_filters_of_each_layer(plain, source):
     _, x, sub = plain
-    fig = plot_chain(as_chain(sub, x), max_filters=2, paths=2)
+    fig = plot_chain(as_chain(sub, x), max_filters=2, paths=2, source=source)
     expected = sum(min(2, int(k.sum())) for k in sub.kept.values())
     assert len(_marks(fig)) == expected
+    red = [c for c in fig.axes[0].collections if isinstance(c, LineCollection)][-1]
+    assert len(red.get_segments()) >= len(sub.structure.units) - 1  # a path through all layers
+    logits = [line for line in fig.axes[0].lines if line.get_marker() == "s"]
+    assert bool(logits) == (source == "chains")
 
 
-def test_chain_graph_prefers_chain_graph_when_the_chains_module_exists(plain, monkeypatch):
+def test_chain_graph_uses_the_chains_module_when_present(plain, monkeypatch):
     import networkx as nx
 
     _, x, sub = plain
@@ -396,12 +401,15 @@ def test_chain_graph_prefers_chain_graph_when_the_chains_module_exists(plain, mo
         g.add_edge(f"{a}.{i}", f"{b}.{j}", weight=2.5)
         return g
 
-    monkeypatch.setitem(
-        sys.modules, "captum_chains.chains", types.SimpleNamespace(chain_graph=chain_graph)
-    )
+    fake = types.SimpleNamespace(chain_graph=chain_graph)
+    monkeypatch.setitem(sys.modules, "captum_chains.chains", fake)
     graph = chain_graph_for(as_chain(sub, x))
+    assert graph.graph["source"] == "chains"
     assert set(graph.edges) == {(f"{a}.{i}", f"{b}.{j}")}
     assert graph.nodes[f"{a}.{i}"]["layer"] == a and graph.nodes[f"{a}.{i}"]["index"] == i
+    assert graph.nodes[f"{a}.{i}"]["score"] == pytest.approx(float(sub.importance[a][i]))
+    # without inputs (a bare SubNetwork) the weight graph is used
+    assert chain_graph_for(sub).graph["source"] == "weights"
 
 
 # ----------------------------------------------------------------------------- compare

@@ -23,9 +23,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
+import captum_chains.export.vit  # noqa: F401  (registers the ViT export rules)
 from captum_chains import ChainExtractor, SubNetwork
 from captum_chains._utils.model_state import ModelSnapshot
-from captum_chains.export.vit import ZeroBranch, export_vit
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.subnetwork import subnetwork_from_mappings
 from captum_chains.units import discover, token_layout
@@ -135,6 +135,13 @@ def vit_specs(draw: st.DrawFn) -> ViTSpec:
         img=draw(st.sampled_from([8, 12])),
         seed=draw(st.integers(0, 10_000)),
     )
+
+
+class ZeroBranch(nn.Module):
+    """A skipped residual branch: zeros shaped like its input."""
+
+    def forward(self, x: torch.Tensor, *args: object, **kwargs: object) -> torch.Tensor:
+        return torch.zeros_like(x)
 
 
 # ---------------------------------------------------------------------------- references
@@ -335,7 +342,7 @@ def test_other_timm_transformers(name, kwargs, size):
             assert torch.equal(model(x), expected)
     sub = _random_subnetwork(model, structure, seed=1)
     with torch.no_grad():
-        torch.testing.assert_close(export_vit(sub)(x), sub(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sub.export()(x), sub(x), atol=1e-5, rtol=1e-4)
 
 
 # ---------------------------------------------------------------------------- masking
@@ -501,42 +508,46 @@ def _random_subnetwork(model: nn.Module, structure, seed: int) -> SubNetwork:
 
 
 @given(spec=vit_specs(), seed=st.integers(0, 1000))
-def test_export_equals_the_subnetwork(spec, seed):
+def test_export_equals_the_subnetwork_and_drops_heads_and_neurons(spec, seed):
     model = make_timm_vit(spec)
     x = images(size=spec.img)
     structure = _discover(model, x)
     sub = _random_subnetwork(model, structure, seed)
     snapshot = ModelSnapshot.take(model)
-    exported = export_vit(sub)
+    exported = sub.export(check_inputs=images(2, size=spec.img, seed=1))
     snapshot.assert_unchanged(model)
     with torch.no_grad():
         torch.testing.assert_close(exported(x), sub(x), atol=1e-5, rtol=1e-4)
     # removed heads and neurons are physically gone from open branches
     closed = set(sub.removed_gates)
     for i in range(spec.depth):
-        kept_heads = int((sub.importance[f"blocks.{i}.attn"] > 0).sum())
-        attn = exported.blocks[i].attn
-        if f"blocks.{i}.attn" not in closed and kept_heads:
-            assert attn.num_heads == kept_heads
-            assert attn.qkv.out_features == 3 * kept_heads * spec.head_dim
-        kept = int((sub.importance[f"blocks.{i}.mlp.fc1"] > 0).sum())
-        if f"blocks.{i}.mlp" not in closed and kept:
-            assert exported.blocks[i].mlp.fc1.out_features == kept
+        heads = int((sub.importance[f"blocks.{i}.attn"] > 0).sum())
+        if f"blocks.{i}.attn" not in closed and heads:
+            assert exported.get_submodule(f"blocks.{i}.attn.core").num_heads == heads
+            qkv = exported.get_submodule(f"blocks.{i}.attn.qkv")
+            assert qkv.out_features == 3 * heads * spec.head_dim
+            assert exported.get_submodule(f"blocks.{i}.attn.proj").in_features == (
+                heads * spec.head_dim
+            )
+        neurons = int((sub.importance[f"blocks.{i}.mlp.fc1"] > 0).sum())
+        if f"blocks.{i}.mlp" not in closed and neurons:
+            assert exported.get_submodule(f"blocks.{i}.mlp.fc1").out_features == neurons
+            assert exported.get_submodule(f"blocks.{i}.mlp.fc2").in_features == neurons
 
 
-def test_export_of_everything_removed_and_nothing_removed():
+def test_export_of_everything_kept_and_of_every_unit_removed():
     model = make_timm_vit(ViTSpec(depth=2, layer_scale=True))
     x = images()
     structure = _discover(model, x)
     ones = {u.name: torch.ones(u.size) for u in structure.units}
-    same = export_vit(subnetwork_from_mappings(model, structure, ones))
+    same = subnetwork_from_mappings(model, structure, ones).export()
     with torch.no_grad():
-        assert torch.equal(same(x), model(x))
+        torch.testing.assert_close(same(x), model(x), atol=1e-6, rtol=1e-5)
     zeros = {u.name: torch.zeros(u.size) for u in structure.units}
     zeros["patch_embed.proj"] = torch.ones(structure.unit("patch_embed.proj").size)
     sub = subnetwork_from_mappings(model, structure, zeros)
     with torch.no_grad():
-        torch.testing.assert_close(export_vit(sub)(x), sub(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(sub.export()(x), sub(x), atol=1e-5, rtol=1e-4)
 
 
 def test_torchvision_export_equals_the_subnetwork():
@@ -546,7 +557,7 @@ def test_torchvision_export_equals_the_subnetwork():
     for seed in range(3):
         sub = _random_subnetwork(model, structure, seed)
         with torch.no_grad():
-            torch.testing.assert_close(export_vit(sub)(x), sub(x), atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(sub.export()(x), sub(x), atol=1e-5, rtol=1e-4)
 
 
 @needs_site_hooks
@@ -556,9 +567,14 @@ def test_torchvision_export_drops_heads():
     structure = discover(model, (x,))
     for seed in range(3):
         sub = _random_subnetwork(model, structure, seed)
-        exported = export_vit(sub)
+        exported = sub.export()
         with torch.no_grad():
             torch.testing.assert_close(exported(x), sub(x), atol=1e-5, rtol=1e-4)
+        for i in range(2):
+            name = f"encoder.layers.encoder_layer_{i}.self_attention"
+            heads = int((sub.importance[name] > 0).sum())
+            if name not in sub.removed_gates and heads:
+                assert exported.get_submodule(f"{name}.core").num_heads == heads
 
 
 # ---------------------------------------------------------------------------- extraction
@@ -584,7 +600,7 @@ def test_chain_extraction_save_load_and_untouched_model(tmp_path):
     loaded = SubNetwork.load(path, model)
     with torch.no_grad():
         assert torch.equal(loaded(x), sub(x))
-        torch.testing.assert_close(export_vit(loaded)(x), sub(x), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(loaded.export()(x), sub(x), atol=1e-5, rtol=1e-4)
     snapshot.assert_unchanged(model)
 
 

@@ -32,6 +32,8 @@
 
 # %%
 import os
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -45,6 +47,7 @@ from captum_chains.visualization import compare, plot_architecture, save_figure
 
 torch.manual_seed(0)
 torch.set_num_threads(1)
+out = Path(tempfile.mkdtemp(prefix="captum_chains_compare_"))  # figures are saved here
 model = load_efficientnet_lite0()
 categories = imagenet_categories()
 
@@ -77,7 +80,7 @@ print(f"KL on the region: {chain.kl:.3f}")
 
 # %%
 fig = plot_architecture(chain)
-save_figure(fig, "compare_captum_architecture.png")
+save_figure(fig, out / "architecture.png")
 fig  # noqa: B018 (displays the figure in a notebook)
 
 # %% [markdown]
@@ -99,7 +102,8 @@ fig, result = compare(
     class_names=categories,
     return_result=True,
 )
-save_figure(fig, "compare_captum.png")
+save_figure(fig, out / "compare.png")
+print("figures saved in", out)
 fig  # noqa: B018 (displays the figure in a notebook)
 
 # %% [markdown]

@@ -83,8 +83,10 @@ print(chain.summary())
 
 # %%
 kept = {name: int((s > 0).sum()) for name, s in chain.importance.items()}
-print(f"{chain.num_filters} of {chain.total_filters} filters kept "
-      f"({100 * chain.num_filters / chain.total_filters:.1f}%)")
+print(
+    f"{chain.num_filters} of {chain.total_filters} filters kept "
+    f"({100 * chain.num_filters / chain.total_filters:.1f}%)"
+)
 print("layers with the most kept filters:", sorted(kept.items(), key=lambda kv: -kv[1])[:5])
 print("removed layers/blocks:", chain.subnetwork.removed_gates)
 
@@ -155,3 +157,6 @@ print(f"{size_kb:.0f} kB on disk; reloaded sub-network gives identical logits: {
 #
 # writes the sub-network, the importance, a summary and a figure to `chain_out/`
 # ({doc}`../cli`).
+
+# %% tags=["remove-cell"]
+# ruff: noqa: E402 (a tutorial imports where it first needs something)

@@ -6,6 +6,7 @@ import argparse
 import difflib
 import json
 import time
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -295,7 +296,9 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
     spec.weights_hash = weights_hash(model)
     spec.preprocessing = None if args.data == "digits" else default_preprocessing(spec, model)
     (Path(args.out) / "model.json").write_text(spec.to_json())
-    plot_study(result, Path(args.out) / "figures")
+    with warnings.catch_warnings():  # figures of metrics left out have empty legends
+        warnings.filterwarnings("ignore", message="No artists with labels found")
+        plot_study(result, Path(args.out) / "figures")
     for key, value in result.summary().items():
         print(f"{key:<34} {value:.4f}")
     console.info(f"wrote {args.out}")

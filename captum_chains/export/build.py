@@ -48,11 +48,14 @@ class Builder:
             return self.value(old, None), None
         return self.env[old]
 
-    def value(self, old: Any, required: Layout = None, *, fill: float = 0.0) -> Any:
+    def value(
+        self, old: Any, required: Layout = None, *, fill: float = 0.0, fresh: bool = False
+    ) -> Any:
         """The new value of ``old`` with channels in ``required`` order (None: whole tensor).
 
         Channels of ``required`` that ``old`` does not compute are exactly zero in the
         SubNetwork (checked) and are filled with zeros; ``-1`` entries get ``fill``.
+        Parameters read in ``forward`` are sliced copies (``fresh``: never shared).
         """
         if not isinstance(old, fx.Node):
             return old
@@ -60,7 +63,7 @@ class Builder:
         if info is not None and required is None:
             required = torch.arange(info.size)
         if old.op == "get_attr":
-            return self._attr(old, required)
+            return self._attr(old, required, fresh)
         new, actual = self.env[old]
         if info is None or required is None or actual is None:
             return new
@@ -104,19 +107,33 @@ class Builder:
         needed = self.a.nd.get(self.current, True)
         return not (needed if isinstance(needed, bool) else bool(needed.any()))
 
-    def _attr(self, old: fx.Node, required: Layout) -> fx.Node:
+    def _attr(self, old: fx.Node, required: Layout, fresh: bool = False) -> fx.Node:
         value = self.a.attr(str(old.target))
         key = (str(old.target), None if required is None else tuple(required.tolist()))
-        if key in self._attrs:
+        if key in self._attrs and not fresh:
             return self._attrs[key]
+        if fresh and required is None and isinstance(value, torch.Tensor):
+            value = value.detach().clone()
         if required is not None and isinstance(value, torch.Tensor):
             sliced = take(value.detach(), required, 0)
             value = nn.Parameter(sliced) if isinstance(value, nn.Parameter) else sliced
         name = self.unique(str(old.target))
         self.root[name] = value
         node = self.graph.get_attr(name)
-        self._attrs[key] = node
+        if not fresh:
+            self._attrs[key] = node
         return node
+
+    def module_of(self, node: fx.Node) -> nn.Module | None:
+        """The module an emitted ``call_module`` node calls (None for other nodes)."""
+        return self.root.get(str(node.target)) if node.op == "call_module" else None
+
+    def tensor_of(self, node: Any) -> torch.Tensor | None:
+        """The tensor an emitted ``get_attr`` node reads (None for other values)."""
+        if isinstance(node, fx.Node) and node.op == "get_attr":
+            value = self.root.get(str(node.target))
+            return value if isinstance(value, torch.Tensor) else None
+        return None
 
     # ------------------------------------------------------------------ emitting
     def unique(self, name: str) -> str:

@@ -106,8 +106,9 @@ class Rule:
         """Emit the node into ``b`` and return the layout of its output."""
         return b.copy_node(node)
 
-    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
-        """Fold per-output-channel ``scale`` into a freshly built ``module``; True if done."""
+    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        """Fold per-output-channel ``scale`` into the weights of ``node``, just emitted by
+        this rule into ``b`` (one factor per entry of its layout); True if done."""
         return False
 
 

@@ -4,6 +4,8 @@ batch normalization, and normalizations that mix channels (LayerNorm, GroupNorm)
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -28,6 +30,18 @@ def _mask(a: Analysis, node: fx.Node, out_needed: torch.Tensor | bool) -> torch.
     return torch.full((size,), bool(out_needed))
 
 
+def _scale_affine(weight: Any, bias: Any, scale: torch.Tensor) -> bool:
+    """Multiply a per-channel affine (``weight``, ``bias`` vectors) by ``scale`` in place."""
+    if not isinstance(weight, torch.Tensor) or not isinstance(bias, torch.Tensor):
+        return False
+    if weight.shape != scale.shape or bias.shape != scale.shape:
+        return False
+    with torch.no_grad():
+        weight.mul_(scale.to(weight.dtype))
+        bias.mul_(scale.to(bias.dtype))
+    return True
+
+
 def _scale_rows(module: nn.Module, scale: torch.Tensor) -> bool:
     """Multiply a layer's output channels (weight rows, bias) by ``scale``."""
     w = module.weight
@@ -40,6 +54,22 @@ def _scale_rows(module: nn.Module, scale: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------- dense
+def _dense_input(a: Analysis, b: Builder, x: fx.Node) -> tuple[fx.Node, Layout]:
+    """The input of a convolution or linear layer and its layout.
+
+    The layer reads whatever channels its producer computes, except that channels known
+    to be zero (e.g. removed filters left in place by a channel-mixing norm) are first
+    dropped, so that the layer holds no weight for them.
+    """
+    new, actual = b.actual(x)
+    if actual is None or not a.has_channels(x):
+        return new, actual
+    real = actual[actual >= 0]
+    if bool(a.nz[x][real].all()) and len(real) == len(actual):
+        return new, actual
+    return b.value(x, a.layout[x]), a.layout[x]
+
+
 class _Dense(Rule):
     """Shared parts of convolutions and linear layers: ``out[o] = sum_c W[o, c] * in[c] + b[o]``."""
 
@@ -64,8 +94,9 @@ class _Dense(Rule):
             return {x: bool(mask.any())}
         return {x: (self._connectivity(a, node) & mask.view(-1, 1)).any(0)}
 
-    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
-        return _scale_rows(module, scale)
+    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        module = b.module_of(node)
+        return module is not None and _scale_rows(module, scale)
 
 
 class ConvRule(_Dense):
@@ -113,7 +144,7 @@ class ConvRule(_Dense):
         rows = a.layout[node]
         x = node.args[0]
         if m.groups == 1:
-            x_new, cols = b.actual(x)  # type: ignore[arg-type]
+            x_new, cols = _dense_input(a, b, x)  # type: ignore[arg-type]
             weight = take(m.weight.detach(), rows, 0)
             if cols is not None:
                 weight = take(weight, cols, 1)
@@ -203,7 +234,7 @@ class LinearRule(_Dense):
         m = a.module(node)
         rows = a.layout[node]
         x = node.args[0]
-        x_new, cols = b.actual(x)  # type: ignore[arg-type]
+        x_new, cols = _dense_input(a, b, x)  # type: ignore[arg-type]
         weight = take(m.weight.detach(), rows, 0)
         if cols is not None:
             w = self._width(a, node)
@@ -245,13 +276,11 @@ class BatchNormRule(PerChannelRule):
             new.running_var = torch.where(layout.to(var.device) >= 0, var, torch.ones_like(var))
         return new
 
-    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
-        if module.weight is None:
+    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        module = b.module_of(node)
+        if module is None:
             return False
-        with torch.no_grad():
-            module.weight.mul_(scale.to(module.weight.dtype))
-            module.bias.mul_(scale.to(module.bias.dtype))
-        return True
+        return _scale_affine(module.weight, module.bias, scale)
 
 
 class ChannelNormRule(Rule):
@@ -301,8 +330,8 @@ class ChannelNormRule(Rule):
         info = a.info[node]
         assert info is not None
         full = torch.arange(info.size)
-        args = fx.node.map_arg(node.args, lambda n: b.value(n, None))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: b.value(n, None))
+        args = fx.node.map_arg(node.args, lambda n: b.value(n, None, fresh=True))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: b.value(n, None, fresh=True))
         module = None
         if node.op == "call_module":
             module = shallow_clone(a.module(node))
@@ -310,17 +339,30 @@ class ChannelNormRule(Rule):
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(p.detach().clone())
         new = b.emit(node, args, kwargs, module=module)  # type: ignore[arg-type]
+        if not bool(_mask(a, node, a.nd[node]).any()):
+            # only the shape of the output is used: its affine parameters are irrelevant
+            self.fold_scale(b, new, torch.zeros(info.size))
+        elif not bool(a.nz[node.args[0]].any()):  # type: ignore[index]
+            # an all-zero input normalizes to zero: the output is the bias alone
+            weight = self._affine(b, new)[0]
+            if weight is not None:
+                with torch.no_grad():
+                    weight.zero_()
         return b.set(node, new, full)
 
-    def fold_scale(self, module: nn.Module, scale: torch.Tensor) -> bool:
-        weight = getattr(module, "weight", None)
-        bias = getattr(module, "bias", None)
-        if weight is None or bias is None or weight.ndim != 1:
-            return False
-        with torch.no_grad():
-            weight.mul_(scale.to(weight.dtype))
-            bias.mul_(scale.to(bias.dtype))
-        return True
+    def _affine(self, b: Builder, node: fx.Node) -> tuple[Any, Any]:
+        module = b.module_of(node)
+        if module is not None:
+            return getattr(module, "weight", None), getattr(module, "bias", None)
+        if node.op != "call_function":
+            return None, None
+        # functional layer_norm(x, shape, weight, bias, eps) / group_norm(x, groups, weight, bias, eps)
+        weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
+        bias = node.kwargs.get("bias", node.args[3] if len(node.args) > 3 else None)
+        return b.tensor_of(weight), b.tensor_of(bias)
+
+    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        return _scale_affine(*self._affine(b, node), scale)
 
 
 def _conv_types() -> tuple[type, ...]:

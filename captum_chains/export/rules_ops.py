@@ -305,22 +305,34 @@ class ScaleRule(Rule):
 
         x = _first(node)
         layout = a.layout[node]
-        factor = take(self._factor(a, node).to(torch.float32), layout, 0)
+        factor = self._factor(a, node).to(torch.float32)
         new_x, actual = b.actual(x)
-        if (
-            actual is not None
-            and torch.equal(actual, layout)
-            and len(x.users) == 1
-            and new_x.op == "call_module"
-            and a.rule[x].fold_scale(b.root[str(new_x.target)], factor)
-        ):
-            return b.set(node, new_x, layout)
+        producer = _fold_target(a, x)
+        if producer is not None and actual is not None:
+            new_p, actual_p = b.actual(producer)
+            needed = a.nd[node]
+            if isinstance(needed, torch.Tensor):  # unread channels may as well be zero
+                factor = factor * needed.to(factor.dtype)
+            if actual_p is not None and a.rule[producer].fold_scale(b, new_p, take(factor, actual_p, 0)):
+                # the producer now outputs the scaled channels (exact zeros where removed);
+                # re-indexing operations between it and the site commute with the scale
+                return b.set(node, new_x, actual)
         info = a.info[node]
         shape = a.shape(node)
         assert info is not None and shape is not None
         x_val = b.value(x, layout)
-        name = b.add_module(f"scores.{node.name}", ChannelScale(factor, info.dim, len(shape)))
+        module = ChannelScale(take(factor, layout, 0), info.dim, len(shape))
+        name = b.add_module(f"scores.{node.name}", module)
         return b.set(node, b.graph.call_module(name, (x_val,)), layout)
+
+
+def _fold_target(a: Analysis, x: fx.Node) -> fx.Node | None:
+    """The layer whose weights can absorb scores at ``x``: ``x`` itself, or the node
+    before re-indexing operations (permute, reshape, ...), each read only once."""
+    node = x
+    while len(node.users) == 1 and a.rule[node].__class__ in _REINDEXING:
+        node = _first(node)
+    return node if len(node.users) == 1 and node.op != "get_attr" else None
 
 
 # --------------------------------------------------------------------------- binary
@@ -899,6 +911,8 @@ def _register() -> None:
     register_function_rule([getattr], meta)
     register_function_rule([channel_scale], ScaleRule())
 
+
+_REINDEXING: tuple[type, ...] = (SameChannelsRule, FlattenModuleRule, GetItemRule)
 
 _register()
 

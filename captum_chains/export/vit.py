@@ -1,138 +1,173 @@
-"""Export of vision-transformer sub-networks: drop heads and MLP neurons, remove branches.
+"""Vision transformers in the export: attention heads the channel surgery can cut.
 
-A SubNetwork multiplies each head's output by its score before the attention's output
-projection, each MLP hidden neuron by its score before ``fc2``, each embedding channel
-by its score, and each closed residual branch by 0 (``H + 0 * F(H)``, Eq. 7 of the
-NeuroChains paper with the residual stream as ``H``). This module builds the same
-function with physically smaller layers, working in place on a *copy* of the model:
+The export (:mod:`captum_chains.export`) traces a copy of the model with ``torch.fx``
+and follows channels through the graph. Inside an attention module the heads are
+hidden behind ``reshape``/``permute``/``unbind`` and the attention product, where no
+channel can be followed, so ``qkv`` would stay at full width. This module makes the
+heads visible:
 
-* **heads** -- scores are folded into the projection's input columns
-  (``W[:, head] * s``); removed heads are cut out of ``qkv`` (their q, k and v rows), of
-  the output gate if any, of ``proj`` (columns) and, for Swin, of the relative-position
-  bias table, and ``num_heads`` shrinks. ``nn.MultiheadAttention`` cannot hold fewer
-  heads than ``embed_dim / head_dim``, so it is replaced by
-  :class:`PrunedMultiheadAttention` with the same call signature. Attention modules
-  whose forward hard-codes the width (EVA, BEiT) or that normalise across heads
-  (``scale_norm``) keep their width: removed heads get zero projection columns (exact,
-  not smaller);
-* **MLP neurons** -- scores folded into ``fc2``'s columns; removed neurons cut from
-  ``fc1`` (both halves of a packed GLU ``fc1``; each of SwiGLU's ``fc1_g``/``fc1_x``) and
-  ``fc2`` when only element-wise modules lie between them; otherwise zeroed columns;
-* **embedding channels** -- folded into the producing conv/linear (or into the affine
-  embedding norm when the score acts after it); they are channels of the residual
-  stream and are never cut;
-* **closed branch gates** -- the branch's first module (the attention or the MLP) and
-  its last module are replaced by :class:`ZeroBranch`, so the block computes
-  ``H + 0``; a whole attention or MLP with every unit removed becomes a
-  :class:`ConstantTokens` that returns its output bias.
+* a *canonicalizer* (added to :data:`captum_chains.export.tracing.CANONICALIZERS`)
+  rewrites, in the export's private copy only, timm's ``Attention`` and
+  ``nn.MultiheadAttention`` into the same computation with one leaf operation,
+  :class:`HeadCore`: ``[B, N, 3 * heads * head_dim]`` (the ``qkv`` projection) ->
+  ``[B, N, heads * head_dim]`` (the concatenated head outputs). The children that unit
+  sites and gates name (``qkv``, ``proj``, ``norm``; ``out_proj``) keep their names;
+* :class:`HeadCoreRule` tells the surgery that output channel ``(h, d)`` is zero exactly
+  when value channel ``(h, d)`` is (softmax weights are positive), and that a needed
+  output channel of head ``h`` reads the q, k and v channels of head ``h``. A head whose
+  score is 0 is then not needed by ``proj``, so the surgery drops its rows of ``qkv``,
+  its columns of ``proj`` and the head itself (``num_heads`` shrinks).
 
-Entry points: :func:`export_vit_units` (the per-family hook for
-:mod:`captum_chains.export`) and :func:`export_vit` (copy + export, for ViT-only models).
+MLP neurons (rows of ``fc1``, columns of ``fc2``), embedding channels (scores folded
+into the patch-embedding conv) and closed branch gates (the branch is not computed,
+``H + 0``) need nothing ViT-specific: the generic rules handle them.
+
+``nn.MultiheadAttention`` heads are scored at the unit hook ``"mha"``
+(:mod:`captum_chains.units.vit`); in the canonical form that is the input of
+``<site>.out_proj``: :func:`export_site` maps a unit to the site the export must use.
+Attention modules not listed above (EVA, BEiT, Swin, ...) are traced as they are: the
+export stays exact, with their heads kept at full width.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterable, Mapping
-from typing import Any
-
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
-from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
+from captum_chains.export.analysis import Analysis
+from captum_chains.export.build import Builder, shallow_clone
+from captum_chains.export.rules import ChannelInfo, Decline, Layout, Rule, register_module_rule
+from captum_chains.export.tracing import CANONICALIZERS
+from captum_chains.units.base import UnitLayer
+from captum_chains.units.vit import MHA_HOOK
 
 __all__ = [
-    "VIT_GATE_KINDS",
-    "VIT_UNIT_KINDS",
-    "ConstantTokens",
-    "PrunedMultiheadAttention",
-    "ZeroBranch",
-    "export_vit",
-    "export_vit_units",
+    "CanonicalAttention",
+    "CanonicalMultiheadAttention",
+    "HeadCore",
+    "HeadCoreRule",
+    "canonical_attention",
+    "export_site",
 ]
-
-VIT_UNIT_KINDS = frozenset({"head", "neuron", "channel"})
-"""Unit kinds handled here."""
-VIT_GATE_KINDS = frozenset({"branch"})
-"""Gate kinds handled here."""
 
 
 # ---------------------------------------------------------------------------- modules
-class ZeroBranch(nn.Module):
-    """A removed residual branch: returns zeros shaped like its first input.
+class HeadCore(nn.Module):
+    """Multi-head attention from a packed projection: ``[B, N, 3*H*D] -> [B, N, H*D]``.
 
-    Returns ``(zeros, None)`` when it replaces an ``nn.MultiheadAttention`` (whose callers
-    unpack a pair).
+    The input holds q, k and v of every head, head-major inside each part (the layout of
+    timm's ``qkv`` and of ``nn.MultiheadAttention``'s ``in_proj``); the output holds the
+    concatenated head outputs, head-major. Per-head ``q_norm``/``k_norm`` (timm) act on
+    each head's q and k. The export traces this module as one operation.
+
+    Parameters
+    ----------
+    num_heads, head_dim : int
+        Heads and channels per head.
+    scale : float
+        Logit scale (``head_dim ** -0.5`` unless the source says otherwise).
+    fused : bool
+        Use ``F.scaled_dot_product_attention`` (as timm's ``fused_attn``) or the explicit
+        softmax product, matching the source module's arithmetic.
+    q_norm, k_norm : nn.Module, optional
+        Normalizations of each head's q and k.
     """
 
-    def __init__(self, pair: bool = False) -> None:
+    def __init__(
+        self,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        fused: bool = True,
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> None:
         super().__init__()
-        self.pair = pair
+        self.num_heads = num_heads
+        self.head_dim = head_dim
+        self.scale = scale
+        self.fused = fused
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
 
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        zeros = torch.zeros_like(x)
-        return (zeros, None) if self.pair else zeros
-
-    def extra_repr(self) -> str:
-        return "pair=True" if self.pair else ""
-
-
-class ConstantTokens(nn.Module):
-    """An attention or MLP with every unit removed: its output bias at every token."""
-
-    def __init__(self, bias: torch.Tensor | None, width: int, pair: bool = False) -> None:
-        super().__init__()
-        self.width = width
-        self.pair = pair
-        value = bias.detach().clone() if bias is not None else torch.zeros(width)
-        self.register_buffer("bias", value)
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        out = self.bias.to(x.dtype).expand(*x.shape[:-1], self.width).clone()
-        return (out, None) if self.pair else out
-
-    def extra_repr(self) -> str:
-        return f"width={self.width}"
-
-
-class PrunedMultiheadAttention(nn.Module):
-    """``nn.MultiheadAttention`` restricted to some heads, with scores folded in.
-
-    Called like ``nn.MultiheadAttention`` (``query, key, value, ...``) and returns
-    ``(output, None)``; masks and attention weights are not supported.
-    """
-
-    def __init__(self, source: nn.MultiheadAttention, keep: torch.Tensor, scores: torch.Tensor):
-        super().__init__()
-        hd = source.head_dim
-        idx = _head_channels(keep, hd)
-        self.num_heads = int(keep.numel())
-        self.head_dim = hd
-        self.embed_dim = source.embed_dim
-        self.batch_first = source.batch_first
-        if source._qkv_same_embed_dim:
-            weights = source.in_proj_weight.detach().chunk(3)
-        else:
-            weights = (
-                source.q_proj_weight.detach(),
-                source.k_proj_weight.detach(),
-                source.v_proj_weight.detach(),
+    def forward(
+        self,
+        qkv: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
+        b, n = qkv.shape[0], qkv.shape[1]
+        h, d = self.num_heads, self.head_dim
+        q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused or attn_mask is not None or is_causal:
+            default = self.scale == d**-0.5
+            z = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=attn_mask,
+                is_causal=is_causal,
+                **({} if default else {"scale": self.scale}),
             )
-        biases = (
-            source.in_proj_bias.detach().chunk(3)
-            if source.in_proj_bias is not None
-            else (None, None, None)
+        else:
+            att = (q * self.scale) @ k.transpose(-2, -1)
+            z = att.softmax(dim=-1) @ v
+        return z.transpose(1, 2).reshape(b, n, h * d)
+
+    def extra_repr(self) -> str:
+        return f"num_heads={self.num_heads}, head_dim={self.head_dim}, fused={self.fused}"
+
+
+class CanonicalAttention(nn.Module):
+    """timm ``Attention`` as ``qkv -> HeadCore -> norm -> (gate) -> proj -> proj_drop``."""
+
+    def __init__(self, source: nn.Module) -> None:
+        super().__init__()
+        self.qkv = source.qkv
+        self.core = HeadCore(
+            source.num_heads,
+            source.head_dim,
+            float(source.scale),
+            bool(source.fused_attn),
+            source.q_norm,
+            source.k_norm,
         )
-        self.q_proj, self.k_proj, self.v_proj = (
-            _linear_from(w[idx], None if b is None else b[idx]) for w, b in zip(weights, biases)
+        self.norm = source.norm
+        self.gate = getattr(source, "gate", None)
+        self.proj = source.proj
+        self.proj_drop = source.proj_drop
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        z = self.norm(self.core(self.qkv(x), attn_mask, is_causal))
+        if self.gate is not None:
+            z = z * self.gate(x).sigmoid()
+        return self.proj_drop(self.proj(z))
+
+
+class CanonicalMultiheadAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention, no masks) as ``in_proj -> HeadCore -> out_proj``.
+
+    Called like ``nn.MultiheadAttention`` and returns ``(output, None)``. It reads only
+    ``query`` (``key`` and ``value`` must be the same tensor, as in ViTs); the export
+    checks the result against the SubNetwork, so other uses fail loudly.
+    """
+
+    def __init__(self, source: nn.MultiheadAttention) -> None:
+        super().__init__()
+        self.batch_first = source.batch_first
+        self.in_proj = nn.Linear(
+            source.embed_dim, 3 * source.embed_dim, bias=source.in_proj_bias is not None
         )
-        out = source.out_proj
-        scale = scores.repeat_interleave(hd)[idx].to(out.weight.dtype)
-        self.out_proj = _linear_from(
-            out.weight.detach()[:, idx] * scale,
-            None if out.bias is None else out.bias.detach(),
-        )
+        self.in_proj.weight = source.in_proj_weight
+        if source.in_proj_bias is not None:
+            self.in_proj.bias = source.in_proj_bias
+        head_dim = source.head_dim
+        self.core = HeadCore(source.num_heads, head_dim, head_dim**-0.5, fused=True)
+        self.out_proj = source.out_proj
 
     def forward(
         self,
@@ -145,308 +180,137 @@ class PrunedMultiheadAttention(nn.Module):
         average_attn_weights: bool = True,
         is_causal: bool = False,
     ) -> tuple[torch.Tensor, None]:
-        if key_padding_mask is not None or attn_mask is not None or is_causal:
-            raise ValueError("PrunedMultiheadAttention does not support masks")
-        if not self.batch_first:
-            query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-        b, lq, lk, h, d = (
-            query.shape[0],
-            query.shape[1],
-            key.shape[1],
-            self.num_heads,
-            self.head_dim,
-        )
-        q = self.q_proj(query).reshape(b, lq, h, d).transpose(1, 2)
-        k = self.k_proj(key).reshape(b, lk, h, d).transpose(1, 2)
-        v = self.v_proj(value).reshape(b, lk, h, d).transpose(1, 2)
-        z = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, lq, h * d)
-        out = self.out_proj(z)
+        x = query if self.batch_first else query.transpose(0, 1)
+        out = self.out_proj(self.core(self.in_proj(x)))
         return (out if self.batch_first else out.transpose(0, 1)), None
 
-    def extra_repr(self) -> str:
-        return f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, head_dim={self.head_dim}"
 
-
-# ---------------------------------------------------------------------------- helpers
-def _linear_from(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
-    layer = nn.Linear(
-        weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device
-    ).to(weight.dtype)
-    with torch.no_grad():
-        layer.weight.copy_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias)
-    return layer
-
-
-def _head_channels(keep: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Channel indices of the kept heads in a head-major ``[heads * head_dim]`` layout."""
-    offsets = torch.arange(head_dim, device=keep.device)
-    return (keep.view(-1, 1) * head_dim + offsets).reshape(-1)
-
-
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = root.get_submodule(parent_name) if parent_name else root
-    setattr(parent, child, module)
-
-
-def _elementwise(module: nn.Module) -> bool:
-    """Modules that act on each hidden neuron separately (safe to slice through)."""
-    if isinstance(module, (nn.Identity, nn.Dropout)):
-        return True
-    if isinstance(module, (nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.GLU, nn.MultiheadAttention)):
-        return False
-    if list(module.parameters()) or list(module.buffers()) or list(module.children()):
-        return False
-    return type(module).__module__.startswith(("torch.nn.modules.activation", "timm.layers.act"))
-
-
-def _is_timm_type(module: nn.Module, path: str, name: str) -> bool:
+def _timm_attention_type() -> type | None:
     try:
-        import importlib
-
-        cls = getattr(importlib.import_module(path), name)
-    except (ImportError, AttributeError):
-        return False
-    return type(module) is cls
+        from timm.models.vision_transformer import Attention
+    except ImportError:  # pragma: no cover - timm is a dependency
+        return None
+    return Attention
 
 
-# ---------------------------------------------------------------------------- heads
-def _export_heads(root: nn.Module, unit: UnitLayer, scores: torch.Tensor) -> None:
-    attn = root.get_submodule(unit.name)
-    keep = torch.nonzero(scores > 0).flatten()
-    if bool((scores == 1).all()):
-        return
-    if isinstance(attn, nn.MultiheadAttention):
-        if keep.numel() == 0:
-            out = attn.out_proj
-            _set_submodule(root, unit.name, ConstantTokens(out.bias, out.out_features, pair=True))
-        else:
-            _set_submodule(root, unit.name, PrunedMultiheadAttention(attn, keep, scores))
-        return
-    proj = root.get_submodule(unit.site)
-    assert isinstance(proj, nn.Linear)
-    if keep.numel() == 0:
-        _set_submodule(root, unit.name, ConstantTokens(proj.bias, proj.out_features))
-        return
-    hd = unit.unit_width
-    with torch.no_grad():
-        proj.weight.mul_(scores.repeat_interleave(hd).to(proj.weight.dtype))
-    if keep.numel() == unit.size or not _sliceable_attention(attn):
-        return
-    idx = _head_channels(keep, hd)
-    width = unit.size * hd
-    qkv = attn.qkv
-    rows = torch.cat([idx + part * width for part in range(3)])
-    attn.qkv = _linear_from(
-        qkv.weight.detach()[rows], None if qkv.bias is None else qkv.bias.detach()[rows]
-    )
-    gate = getattr(attn, "gate", None)
-    if isinstance(gate, nn.Linear):
-        attn.gate = _linear_from(
-            gate.weight.detach()[idx], None if gate.bias is None else gate.bias.detach()[idx]
-        )
-    _set_submodule(
-        root,
-        unit.site,
-        _linear_from(
-            proj.weight.detach()[:, idx], None if proj.bias is None else proj.bias.detach()
-        ),
-    )
-    table = getattr(attn, "relative_position_bias_table", None)
-    if isinstance(table, nn.Parameter):
-        attn.relative_position_bias_table = nn.Parameter(
-            table.detach()[:, keep].clone(), requires_grad=table.requires_grad
-        )
-    attn.num_heads = int(keep.numel())
-    if hasattr(attn, "attn_dim"):
-        attn.attn_dim = int(idx.numel())
+def canonical_attention(module: nn.Module) -> nn.Module | None:
+    """The canonical form of a supported attention module, else ``None``.
 
-
-def _sliceable_attention(attn: nn.Module) -> bool:
-    """Attention types whose forward reads its width from ``num_heads`` and the weights."""
-    plain = _is_timm_type(attn, "timm.models.vision_transformer", "Attention") or _is_timm_type(
-        attn, "timm.models.swin_transformer", "WindowAttention"
-    )
-    if not plain or not isinstance(getattr(attn, "qkv", None), nn.Linear):
-        return False
-    norm = getattr(attn, "norm", None)
-    return norm is None or isinstance(norm, nn.Identity)
-
-
-# ---------------------------------------------------------------------------- neurons
-def _export_neurons(root: nn.Module, unit: UnitLayer, scores: torch.Tensor) -> None:
-    if bool((scores == 1).all()):
-        return
-    fc2 = root.get_submodule(unit.site)
-    assert isinstance(fc2, nn.Linear)
-    container_name = unit.site.rpartition(".")[0]
-    container = root.get_submodule(container_name) if container_name else root
-    keep = torch.nonzero(scores > 0).flatten()
-    if keep.numel() == 0:
-        _set_submodule(root, container_name, ConstantTokens(fc2.bias, fc2.out_features))
-        return
-    with torch.no_grad():
-        fc2.weight.mul_(scores.to(fc2.weight.dtype))
-    if keep.numel() == unit.size:
-        return
-    firsts = _first_linears(container, fc2, unit.size)
-    if firsts is None:
-        return
-    for child, layer, halves in firsts:
-        rows = keep if halves == 1 else torch.cat([keep, keep + unit.size])
-        new = _linear_from(
-            layer.weight.detach()[rows], None if layer.bias is None else layer.bias.detach()[rows]
-        )
-        setattr(container, child, new)
-    fc2_child = unit.site.rpartition(".")[2]
-    setattr(
-        container,
-        fc2_child,
-        _linear_from(fc2.weight.detach()[:, keep], None if fc2.bias is None else fc2.bias.detach()),
-    )
-
-
-def _first_linears(
-    container: nn.Module, fc2: nn.Linear, hidden: int
-) -> list[tuple[str, nn.Linear, int]] | None:
-    """The linears producing the hidden neurons (with 1 or 2 halves), or None if unsafe."""
-    found = []
-    for child, module in container.named_children():
-        if module is fc2:
-            continue
-        if isinstance(module, nn.Linear):
-            if module.out_features == hidden:
-                found.append((child, module, 1))
-            elif module.out_features == 2 * hidden and _is_timm_type(
-                container, "timm.layers.mlp", "GluMlp"
-            ):
-                found.append((child, module, 2))
-            else:
-                return None
-        elif not _elementwise(module):
+    Used as an export canonicalizer: it runs on the export's private copy only.
+    """
+    timm_attention = _timm_attention_type()
+    if timm_attention is not None and type(module) is timm_attention:
+        if module.qkv.out_features != 3 * module.num_heads * module.head_dim:
             return None
-    return found or None
-
-
-# ---------------------------------------------------------------------------- channels
-def _export_channels(root: nn.Module, unit: UnitLayer, scores: torch.Tensor) -> None:
-    if bool((scores == 1).all()):
-        return
-    target = root.get_submodule(unit.site)
-    with torch.no_grad():
-        if unit.site == unit.name:
-            # conv filters (dim 0 of the weight) or linear rows: output channel c * s_c
-            weight = target.weight  # type: ignore[union-attr]
-            shape = [-1] + [1] * (weight.ndim - 1)
-            weight.mul_(scores.to(weight.dtype).view(shape))
-            bias = getattr(target, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                bias.mul_(scores.to(bias.dtype))
-            return
-        weight = getattr(target, "weight", None)
-        bias = getattr(target, "bias", None)
-        if isinstance(weight, torch.Tensor) and weight.shape == scores.shape:
-            weight.mul_(scores.to(weight.dtype))
-            if isinstance(bias, torch.Tensor):
-                bias.mul_(scores.to(bias.dtype))
-            return
-    _set_submodule(root, unit.site, nn.Sequential(target, _ChannelScale(scores, unit.channel_dim)))
-
-
-class _ChannelScale(nn.Module):
-    def __init__(self, scores: torch.Tensor, dim: int) -> None:
-        super().__init__()
-        self.dim = dim
-        self.register_buffer("scores", scores.detach().clone())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = [1] * x.ndim
-        shape[self.dim] = -1
-        return x * self.scores.view(shape).to(x.dtype)
-
-
-# ---------------------------------------------------------------------------- gates
-def _remove_branch(root: nn.Module, gate: GateSpec) -> None:
-    for name in dict.fromkeys((gate.start, gate.end)):
-        module = root.get_submodule(name)
-        pair = isinstance(module, (nn.MultiheadAttention, PrunedMultiheadAttention)) or (
-            isinstance(module, ConstantTokens) and module.pair
+        return CanonicalAttention(module)
+    if type(module) is nn.MultiheadAttention:
+        plain = (
+            module._qkv_same_embed_dim
+            and module.bias_k is None
+            and not module.add_zero_attn
+            and module.in_proj_weight is not None
         )
-        _set_submodule(root, name, ZeroBranch(pair=pair))
+        return CanonicalMultiheadAttention(module) if plain else None
+    return None
 
 
-# ---------------------------------------------------------------------------- entry points
-def export_vit_units(
-    model_copy: nn.Module,
-    structure: ModelStructure,
-    importance: Mapping[str, torch.Tensor],
-    closed_gates: Iterable[str] = (),
-) -> set[str]:
-    """Shrink the ViT units of ``model_copy`` in place and remove its closed branches.
+def export_site(unit: UnitLayer) -> tuple[str, str]:
+    """(module, hook) at which the export must apply a unit layer's scores.
 
-    Parameters
-    ----------
-    model_copy : nn.Module
-        A deep copy of the model the structure was discovered on (it is modified).
-    structure : ModelStructure
-        The SubNetwork's structure.
-    importance : mapping of str to Tensor
-        Final score of every unit (0 = removed), as ``SubNetwork.importance``.
-    closed_gates : iterable of str
-        Names of the closed gates, as ``SubNetwork.removed_gates``.
-
-    Returns
-    -------
-    set of str
-        Names of the unit layers and gates handled here (kinds ``head``, ``neuron``,
-        ``channel`` and gate kind ``branch``); the caller handles the others.
+    Units at the ``"mha"`` hook (heads of ``nn.MultiheadAttention``) act at the input of
+    ``<site>.out_proj`` in :class:`CanonicalMultiheadAttention`; others where discovery
+    put them.
     """
-    closed = set(closed_gates)
-    handled: set[str] = set()
-    removed_units: set[str] = set()
-    for gate in structure.gates:
-        if gate.kind in VIT_GATE_KINDS:
-            handled.add(gate.name)
-            if gate.name in closed:
-                removed_units.update(gate.units)
-    for unit in structure.units:
-        if unit.kind not in VIT_UNIT_KINDS:
-            continue
-        handled.add(unit.name)
-        if unit.name in removed_units:
-            continue
-        scores = importance[unit.name].detach().float().reshape(-1)
-        if unit.kind == "head":
-            _export_heads(model_copy, unit, scores)
-        elif unit.kind == "neuron":
-            _export_neurons(model_copy, unit, scores)
-        else:
-            _export_channels(model_copy, unit, scores)
-    for gate in structure.gates:
-        if gate.kind in VIT_GATE_KINDS and gate.name in closed:
-            _remove_branch(model_copy, gate)
-    return handled
+    if unit.hook == MHA_HOOK:
+        return f"{unit.site}.out_proj", "input"
+    return unit.site, unit.hook
 
 
-def export_vit(subnetwork: Any) -> nn.Module:
-    """A standalone, smaller copy of a ViT SubNetwork's model (in eval mode).
+# ---------------------------------------------------------------------------- rule
+class HeadCoreRule(Rule):
+    """Channel semantics of :class:`HeadCore`: heads are cut whole.
 
-    Raises
-    ------
-    ValueError
-        If the structure holds units or gates that are not ViT units (e.g. the conv
-        filters of a hybrid ViT); use :func:`captum_chains.export.export_subnetwork`.
+    * non-zero: output channel ``(h, d)`` is zero exactly when v channel ``(h, d)`` is;
+    * needed: every needed output channel of head ``h`` reads all q, k and v channels of
+      head ``h`` (q and k enter the softmax of the head, v its product);
+    * build: a HeadCore with the heads that have a needed, non-zero output, reading
+      their q, k and v channels from the (sliced) projection.
     """
-    structure: ModelStructure = subnetwork.structure
-    others = [u.name for u in structure.units if u.kind not in VIT_UNIT_KINDS]
-    others += [g.name for g in structure.gates if g.kind not in VIT_GATE_KINDS]
-    if others:
-        raise ValueError(
-            f"export_vit handles ViT heads, neurons, channels and branch gates only, but the "
-            f"structure also has {others[:3]}; use captum_chains.export.export_subnetwork"
-        )
-    model_copy = copy.deepcopy(subnetwork.model)
-    export_vit_units(model_copy, structure, subnetwork.importance, subnetwork.removed_gates)
-    return model_copy.eval()
+
+    leaf = True
+    name = "attention heads"
+
+    @staticmethod
+    def _width(a: Analysis, node: fx.Node) -> tuple[int, int]:
+        core = a.module(node)
+        return core.num_heads, core.head_dim
+
+    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+        h, d = self._width(a, node)
+        x = node.args[0]
+        shape, out = a.shape(x), a.shape(node)
+        if shape is None or out is None or len(out) != 3:
+            raise Decline
+        if a.has_channels(x):
+            info = a.info[x]
+            assert info is not None
+            if info.dim != len(shape) - 1 or info.width != 1 or info.size != 3 * h * d:
+                raise Decline
+        return ChannelInfo(2, h * d)
+
+    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+        h, d = self._width(a, node)
+        nz = a.nonzero_of(node.args[0])
+        if nz is None:
+            return torch.ones(h * d, dtype=torch.bool)
+        return nz[2 * h * d :].clone()
+
+    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+        h, d = self._width(a, node)
+        if isinstance(out_needed, bool):
+            out_needed = torch.full((h * d,), out_needed)
+        heads = out_needed.view(h, d).any(1)
+        if not bool(heads.any()):
+            return {}
+        x = node.args[0]
+        result: dict[fx.Node, torch.Tensor | bool] = {
+            inp: True for inp in node.all_input_nodes if inp is not x
+        }
+        result[x] = heads.repeat_interleave(d).repeat(3) if a.has_channels(x) else True
+        return result
+
+    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+        h, d = self._width(a, node)
+        layout = a.layout[node]
+        real = layout[layout >= 0]
+        heads = sorted({int(c) // d for c in real.tolist()})
+        if not heads:
+            heads = [0]  # nothing reads the values: keep one head to define the shape
+        keep = torch.tensor(heads)
+        channels = (keep.view(-1, 1) * d + torch.arange(d)).reshape(-1)
+        x = node.args[0]
+        required = torch.cat([channels + part * h * d for part in range(3)])
+        x_new = b.value(x, required if a.has_channels(x) else None)
+        if not a.has_channels(x):
+            x_new = b.graph.call_method("index_select", (x_new, -1, _long_attr(b, required)))
+        core = shallow_clone(a.module(node))
+        core.num_heads = len(heads)
+        rest = fx.node.map_arg(tuple(node.args[1:]), lambda n: b.value(n, None))
+        kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: b.value(n, None))
+        new = b.emit(node, (x_new, *rest), kwargs, module=core)  # type: ignore[arg-type]
+        return b.set(node, new, channels)
+
+
+def _long_attr(b: Builder, index: torch.Tensor) -> fx.Node:
+    name = b.unique("vit_head_index")
+    b.root[name] = index.clone()
+    return b.graph.get_attr(name)
+
+
+def _register() -> None:
+    register_module_rule(HeadCore, HeadCoreRule())
+    if canonical_attention not in CANONICALIZERS:
+        CANONICALIZERS.append(canonical_attention)
+
+
+_register()

@@ -17,7 +17,7 @@ Solvers
 -------
 ``"adam"`` (default)
     Projected Adam with a cosine learning-rate schedule, run on all samples and models
-    at once in normalised units (``v`` divided by ``|v(x_N) - v(x_∅)|``; the problem is
+    at once in normalised units (``v`` divided by the mean ``|v(x_T) - v(x_∅)|``; the problem is
     positively homogeneous, so this is exact). The free part of ``γ`` is parametrised by
     the AND interactions it induces (``x = Möbius(v_and)``, a linear change of
     variables): a coordinate of ``γ`` touches up to ``2**n`` interactions, a coordinate
@@ -167,7 +167,8 @@ def problem_loss(problem: Problem, gamma: torch.Tensor, noise: torch.Tensor) -> 
 
 
 def _scale(values: torch.Tensor) -> torch.Tensor:
-    spread = (values[..., -1] - values[..., 0]).abs().mean(dim=1)  # [B]
+    """Per-sample unit: mean ``|v(x_T) - v(x_∅)|`` over subsets and models, ``[B]``."""
+    spread = (values - values[..., :1]).abs().mean(dim=(1, 2))
     return torch.where(spread > 1e-12, spread, torch.ones_like(spread))
 
 

@@ -110,7 +110,7 @@ def plot_stability(results: Any, ax: Any = None) -> Any:
         hi = grouped.quantile(0.75).reindex(ks).to_numpy()
         mean = grouped.mean().reindex(ks).to_numpy()
         (line,) = ax.plot(ks, mean, marker="o", label=f"{name} (mean)")
-        ax.plot(ks, med, ls="--", color=line.get_color(), lw=1)
+        ax.plot(ks, med, ls="--", color=line.get_color(), lw=1, label=f"{name} (median, IQR)")
         ax.fill_between(ks, lo, hi, color=line.get_color(), alpha=0.15)
     ax.set_xlabel("K nearest unseen neighbours per input")
     ax.set_ylabel("agreement with the model's prediction")

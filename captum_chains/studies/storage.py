@@ -104,19 +104,24 @@ class StudyStore:
             if leftover.is_file():
                 leftover.unlink()
 
+    def finished_ids(self) -> list[str]:
+        """Ids of the complete region folders (sorted)."""
+        if not self.parts.exists():
+            return []
+        return [
+            folder.name
+            for folder in sorted(self.parts.iterdir())
+            if folder.is_dir()
+            and not folder.name.startswith(_TMP_PREFIX)
+            and (folder / f"regions.{self._ext}").exists()
+        ]
+
     def finished(self) -> dict[str, dict[str, Any]]:
         """Region id -> its stored row, for every complete region folder."""
-        out: dict[str, dict[str, Any]] = {}
-        if not self.parts.exists():
-            return out
-        for folder in sorted(self.parts.iterdir()):
-            if folder.name.startswith(_TMP_PREFIX) or not folder.is_dir():
-                continue
-            path = folder / f"regions.{self._ext}"
-            if path.exists():
-                frame = _read_frame(path, self.fmt)
-                out[folder.name] = frame.iloc[0].to_dict()
-        return out
+        return {
+            rid: _read_frame(self.parts / rid / f"regions.{self._ext}", self.fmt).iloc[0].to_dict()
+            for rid in self.finished_ids()
+        }
 
     @property
     def _ext(self) -> str:
@@ -163,17 +168,7 @@ class StudyStore:
         """
         import pandas as pd
 
-        ids = (
-            [
-                f.name
-                for f in sorted(self.parts.iterdir())
-                if f.is_dir()
-                and not f.name.startswith(_TMP_PREFIX)
-                and (f / f"regions.{self._ext}").exists()
-            ]
-            if self.parts.exists()
-            else []
-        )
+        ids = self.finished_ids()
         rank = {rid: i for i, rid in enumerate(order or [])}
         ids.sort(key=lambda r: (rank.get(r, len(rank)), r))
         frames: dict[str, list[Any]] = {name: [] for name in TABLES}

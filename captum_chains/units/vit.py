@@ -629,7 +629,7 @@ def vit_adapter(model: nn.Module, trace: Trace) -> AdapterResult | None:
                     site=last,
                     hook="input",
                     channel_dim=-1,
-                    module_type=type(model.get_submodule(container)).__name__,
+                    module_type=type(model.get_submodule(first)).__name__,
                     spatial=tuple(last_call.input_shape[1:-1]),
                 )
             )

@@ -94,15 +94,15 @@ def plot_architecture(
     s_a = np.concatenate(scores) if scores else np.zeros(0)
     total_kept = len(s_a)
     if total_kept > max_filters:
-        top = np.sort(np.argsort(-s_a, kind="stable")[:max_filters])
-        row_a, x_a, s_a = row_a[top], x_a[top], s_a[top]
+        best = np.sort(np.argsort(-s_a, kind="stable")[:max_filters])
+        row_a, x_a, s_a = row_a[best], x_a[best], s_a[best]
 
     n = len(units)
     height = n * row_height + 1.4
     fig = new_figure(width, height)
-    bottom, top = 0.9 / height, 1 - 0.5 / height
-    ax = fig.add_axes((0.25, bottom, 0.56, top - bottom))
-    cax = fig.add_axes((0.935, bottom + 0.1 * (top - bottom), 0.018, 0.8 * (top - bottom)))
+    bottom, span = 0.9 / height, 1 - 1.4 / height
+    ax = fig.add_axes((0.25, bottom, 0.56, span))
+    cax = fig.add_axes((0.935, bottom + 0.1 * span, 0.018, 0.8 * span))
     blocks = [u.block or u.name.rsplit(".", 1)[0] for u in units]
     shade = 0
     for r, u in enumerate(units):
@@ -160,6 +160,7 @@ def plot_architecture(
     cbar.set_label("score", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
     model_name = type(sub.model).__name__
+    n_chain = sum(int((s > 0).sum()) for s in importance.values())
     notes = []
     if hidden:
         notes.append(f"{hidden} layers without kept filters hidden")
@@ -168,7 +169,7 @@ def plot_architecture(
     fig.suptitle(
         title
         or (
-            f"{model_name}: {sub.num_filters}/{sub.total_filters} filters kept, "
+            f"{model_name}: {n_chain}/{sub.total_filters} filters kept, "
             f"{len(sub.removed_gates)}/{len(structure.gates)} layers/blocks removed"
             + (f"\n({'; '.join(notes)})" if notes else "")
         ),

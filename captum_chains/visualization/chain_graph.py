@@ -1,9 +1,11 @@
 """The chain as a filter -> filter graph, drawn layer by layer (Fig. 4 of NeuroChains).
 
-The graph comes from :meth:`Chain.graph` (``captum_chains.chains.chain_graph``) when that
-module is available. Otherwise (or for a bare :class:`SubNetwork`) it is built here from
-the kept filters and the weights: filter ``i`` of layer ``A`` feeds filter ``j`` of the
-next layer ``B`` that reads ``A``'s channels, with strength
+The graph comes from :func:`captum_chains.chains.chain_graph` (the sub-network's
+dataflow on the region, the graph behind :meth:`Chain.graph` and :meth:`Chain.paths`)
+when that module is available and inputs are known. Otherwise (``source="weights"``, or
+no inputs) it is built here from the kept filters and the weights: filter ``i`` of
+layer ``A`` feeds filter ``j`` of the next layer ``B`` that reads ``A``'s channels, with
+strength
 
 .. math::
 
@@ -16,14 +18,16 @@ unit layer, not removed by a closed gate, whose width equals ``B``'s input chann
 (exact for plain and inverted residual stacks, where a removed layer or block is the
 identity; an approximation where a residual sum mixes several layers).
 
-The strongest paths are the maximum-product paths from the first drawn layer to the
-last, with edge weights normalised by the largest weight between the same two layers
-(dynamic programming over layers). They are found on all kept filters of the drawn
-layers; the figure then shows the path filters plus the highest-scoring others.
+With the chains module the highlighted paths are its strongest input-to-logit paths.
+For the weight graph they are the maximum-product paths from the first drawn layer to
+the last, with edge weights normalised by the largest weight between the same two
+layers (dynamic programming over layers), found on all kept filters of the drawn
+layers. Either way the figure shows the path filters plus the highest-scoring others.
 """
 
 from __future__ import annotations
 
+import importlib
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -121,8 +125,8 @@ def weight_graph(
             ]
             mean_act[n] = m.float().clamp_min(0).mean(dim=dims).cpu()
     graph = nx.DiGraph()
-    for name, idx in chosen.items():
-        for i in idx:
+    for name, ids in chosen.items():
+        for i in ids:
             graph.add_node(
                 f"{name}.{i}",
                 layer=name,
@@ -135,11 +139,11 @@ def weight_graph(
     for pos, unit in enumerate(structure.units):
         if unit.name not in chosen or unit.unit_width != 1:
             continue
-        weight = getattr(modules.get(unit.name), "weight", None)
-        if not isinstance(modules.get(unit.name), (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+        module = modules.get(unit.name)
+        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
             continue
-        module = modules[unit.name]
-        groups = getattr(module, "groups", 1)
+        weight = module.weight
+        groups = int(getattr(module, "groups", 1))
         in_ch = weight.shape[1] * groups
         source = _input_layer(structure, pos, in_ch, removed)
         if source is None or source.name not in chosen:
@@ -147,13 +151,14 @@ def weight_graph(
         w = weight.detach().abs().reshape(weight.shape[0], weight.shape[1], -1).sum(-1).cpu()
         s_a, s_b = importance[source.name], importance[unit.name]
         act = mean_act.get(source.name)
+        source_set = set(chosen[source.name])
         for j in chosen[unit.name]:
             if groups == 1:
                 sources = chosen[source.name]
                 strengths = [float(w[j, i]) for i in sources]
             elif groups == in_ch and weight.shape[1] == 1:
                 c = j * in_ch // weight.shape[0]
-                sources = [c] if c in set(chosen[source.name]) else []
+                sources = [c] if c in source_set else []
                 strengths = [float(w[j, 0])] * len(sources)
             else:
                 per = weight.shape[1]
@@ -169,28 +174,61 @@ def weight_graph(
     return graph
 
 
+def _chains_module() -> Any | None:
+    try:
+        chains = importlib.import_module("captum_chains.chains")
+    except ImportError:
+        return None
+    return chains if hasattr(chains, "chain_graph") else None
+
+
 def chain_graph_for(
     chain: Any,
     inputs: torch.Tensor | None = None,
     *,
     layers: Sequence[str] | None = None,
     max_filters: int | None = None,
+    source: str = "auto",
+    keep_logits: bool = True,
 ) -> Any:
     """The chain's graph, restricted to ``layers`` and the top ``max_filters`` per layer.
 
-    Uses :meth:`Chain.graph` when ``captum_chains.chains`` is available, else
-    :func:`weight_graph`. Nodes get ``layer``, ``index``, ``score`` and ``depth``
-    attributes either way (parsed from ``"layer.index"`` names if missing).
+    Parameters
+    ----------
+    chain : Chain or SubNetwork
+        The chain.
+    inputs : Tensor, optional
+        The region (default the chain's).
+    layers : sequence of str, optional
+        Unit layers to keep (logit nodes are kept too with ``keep_logits``).
+    max_filters : int, optional
+        Keep the highest-scoring ``max_filters`` nodes of each layer.
+    source : {"auto", "chains", "weights"}
+        ``"chains"``: :func:`captum_chains.chains.chain_graph` (the sub-network's dataflow
+        on the inputs; needs inputs); ``"weights"``: :func:`weight_graph`; ``"auto"``: the
+        former when that module and inputs are available.
+
+    Returns
+    -------
+    networkx.DiGraph
+        Nodes with ``layer``, ``index``, ``score`` and ``depth`` attributes (parsed from
+        ``"layer.index"`` names if a graph lacks them); edges with ``weight``. The
+        graph attribute ``source`` says where it came from.
     """
-    graph = None
-    if hasattr(chain, "graph"):
-        try:
-            graph = chain.graph(inputs)
-        except (ImportError, NotImplementedError):
-            graph = None
-    if graph is None:
-        return weight_graph(chain, inputs, layers=layers, max_filters=max_filters)
-    sub, _ = resolve(chain)
+    if source not in ("auto", "chains", "weights"):
+        raise ValueError(f"source must be 'auto', 'chains' or 'weights', got {source!r}")
+    sub, x = resolve(chain, inputs)
+    chains = _chains_module() if source != "weights" else None
+    if source == "chains" and (chains is None or x is None):
+        raise ValueError(
+            "source='chains' needs the captum_chains.chains module and inputs (the region)"
+        )
+    if chains is None or x is None:
+        graph = weight_graph(chain, inputs, layers=layers, max_filters=max_filters)
+        graph.graph["source"] = "weights"
+        return graph
+    graph = chains.chain_graph(chain, x)
+    graph.graph["source"] = "chains"
     order = {u.name: i for i, u in enumerate(sub.structure.units)}
     importance = chain_scores(sub)
     for node, data in graph.nodes(data=True):
@@ -202,16 +240,23 @@ def chain_graph_for(
         if layer in importance and index is not None:
             data.setdefault("score", float(importance[layer][int(index)]))
             data.setdefault("depth", order[layer])
-    keep = []
+    if layers is None and max_filters is None:
+        return graph
     wanted = set(layers) if layers is not None else None
     by_layer: dict[str, list[Any]] = {}
+    keep = []
     for node, data in graph.nodes(data=True):
-        if data.get("layer") in order and (wanted is None or data["layer"] in wanted):
-            by_layer.setdefault(data["layer"], []).append(node)
+        if data.get("layer") in order:
+            if wanted is None or data["layer"] in wanted:
+                by_layer.setdefault(data["layer"], []).append(node)
+        elif keep_logits and data.get("kind") == "logit":
+            keep.append(node)
     for nodes in by_layer.values():
         nodes.sort(key=lambda n: -float(graph.nodes[n].get("score", 0.0)))
         keep.extend(nodes if max_filters is None else nodes[:max_filters])
-    return graph.subgraph(keep).copy()
+    sub_graph = graph.subgraph(keep).copy()
+    sub_graph.graph.update(graph.graph)
+    return sub_graph
 
 
 def strongest_node_paths(graph: Any, k: int = 5) -> list[tuple[list[str], float]]:
@@ -269,6 +314,7 @@ def plot_chain(
     max_filters: int = 8,
     paths: int = 5,
     max_edges: int = 600,
+    source: str = "auto",
     cmap: str = "viridis",
     column_width: float = 0.85,
 ) -> Figure:
@@ -288,7 +334,13 @@ def plot_chain(
     paths : int
         Strongest paths to highlight (red).
     max_edges : int
-        At most this many of the strongest other edges are drawn (grey, width ~ weight).
+        At most this many of the strongest other edges are drawn (grey, width ~ the edge's
+        ``fraction`` of its target's incoming flow when the graph has it, else ~ weight).
+    source : {"auto", "chains", "weights"}
+        Where the graph comes from (see :func:`chain_graph_for`). With the chains module,
+        the red paths are :func:`captum_chains.chains.strongest_path_list` (input to
+        logit, over all layers), clipped to the drawn columns, and a column of target
+        logits (red squares) ends the figure.
 
     Returns
     -------
@@ -308,41 +360,71 @@ def plot_chain(
         names = list(layers)[:max_layers]
     if not names:
         raise ValueError("the chain keeps no filter; there is no graph to draw")
-    full = chain_graph_for(chain, inputs, layers=names)
-    best = strongest_node_paths(full, paths)
+    chains = _chains_module() if source != "weights" else None
+    if chains is not None and source != "weights" and resolve(chain, inputs)[1] is not None:
+        # paths are the chains module's input-to-logit paths over the whole graph
+        full = chain_graph_for(chain, inputs, source="chains")
+        found = chains.strongest_path_list(full, paths) if paths > 0 else []
+    else:
+        full = chain_graph_for(chain, inputs, layers=names, source="weights")
+        found = strongest_node_paths(full, paths)
+    logits = [n for n, d in full.nodes(data=True) if d.get("kind") == "logit"]
+    columns = names + (["logits"] if logits else [])
+    drawn_layers = set(columns)
+    best: list[tuple[list[Any], float]] = []
+    for path, strength in found:
+        clipped = [n for n in path if full.nodes[n].get("layer") in drawn_layers]
+        if len(clipped) > 1 and all(clipped != p for p, _ in best):
+            best.append((clipped, strength))
     path_nodes = {n for p, _ in best for n in p}
     keep_nodes = []
-    for name in names:
+    for name in columns:
         nodes = [n for n, d in full.nodes(data=True) if d.get("layer") == name]
         nodes.sort(key=lambda n: (n not in path_nodes, -float(full.nodes[n].get("score", 0.0))))
         keep_nodes.extend(nodes[: max(max_filters, sum(n in path_nodes for n in nodes))])
     graph = full.subgraph(keep_nodes).copy()
-    col = {n: i for i, n in enumerate(names)}
+    col = {n: i for i, n in enumerate(columns)}
     pos: dict[Any, tuple[float, float]] = {}
     rows = 1
-    for name in names:
+    for name in columns:
         nodes = [n for n in graph.nodes if graph.nodes[n].get("layer") == name]
         nodes.sort(key=lambda n: -float(graph.nodes[n].get("score", 0.0)))
         rows = max(rows, len(nodes))
         for r, n in enumerate(nodes):
             pos[n] = (col[name], (len(nodes) - 1) / 2 - r)
     on_path = {(p[i], p[i + 1]) for p, _ in best for i in range(len(p) - 1)}
+    on_path = {e for e in on_path if graph.has_edge(*e)}
 
-    fig = new_figure(len(names) * column_width + 2.2, rows * 0.42 + 2.6)
+    fig = new_figure(len(columns) * column_width + 2.2, rows * 0.42 + 2.6)
     ax = fig.add_subplot(1, 1, 1)
-    edges = sorted(graph.edges(data=True), key=lambda e: -float(e[2].get("weight", 1.0)))
+
+    def edge_strength(d: dict[str, Any]) -> float:
+        return float(d.get("fraction", d.get("weight", 1.0)))
+
+    edges = sorted(graph.edges(data=True), key=lambda e: -edge_strength(e[2]))
     others = [e for e in edges if (e[0], e[1]) not in on_path][:max_edges]
     if others:
-        wmax = max(float(e[2].get("weight", 1.0)) for e in others)
+        wmax = max(max(edge_strength(d) for _, _, d in others), 1e-30)
         segs = [[pos[u], pos[v]] for u, v, _ in others]
-        widths = [0.3 + 1.7 * float(d.get("weight", 1.0)) / wmax for _, _, d in others]
+        widths = [0.3 + 1.7 * edge_strength(d) / wmax for _, _, d in others]
         ax.add_collection(
             LineCollection(segs, linewidths=widths, colors="#8c8c8c", alpha=0.45, zorder=1)
         )
     if on_path:
         segs = [[pos[u], pos[v]] for u, v in on_path]
         ax.add_collection(LineCollection(segs, linewidths=2.4, colors="#d62728", zorder=2))
-    nodes = list(pos)
+    nodes = [n for n in pos if graph.nodes[n].get("kind") != "logit"]
+    logit_nodes = [n for n in pos if graph.nodes[n].get("kind") == "logit"]
+    if logit_nodes:
+        ax.plot(
+            [pos[n][0] for n in logit_nodes],
+            [pos[n][1] for n in logit_nodes],
+            "s",
+            ms=10,
+            mfc="white",
+            mec="#d62728",
+            zorder=3,
+        )
     scores = np.array([float(graph.nodes[n].get("score", 0.0)) for n in nodes])
     norm = Normalize(0.0, max(float(scores.max()) if len(scores) else 1.0, 1e-6))
     sc = ax.scatter(
@@ -356,9 +438,12 @@ def plot_chain(
         linewidths=0.5,
         zorder=3,
     )
-    for n in nodes:
+    for n in nodes + logit_nodes:
+        d = graph.nodes[n]
         ax.annotate(
-            str(graph.nodes[n].get("index")),
+            str(d.get("label", n)).removeprefix("logit.")
+            if d.get("kind") == "logit"
+            else str(d.get("index")),
             pos[n],
             xytext=(0, 6.5),
             textcoords="offset points",
@@ -368,25 +453,22 @@ def plot_chain(
             zorder=4,
             bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.75},
         )
-    ax.set_xticks(range(len(names)))
-    ax.set_xticklabels([short_name(n, 30) for n in names], rotation=55, ha="right", fontsize=7)
+    ax.set_xticks(range(len(columns)))
+    ax.set_xticklabels([short_name(n, 30) for n in columns], rotation=55, ha="right", fontsize=7)
     ax.set_yticks([])
-    ax.set_xlim(-0.6, len(names) - 0.4)
+    ax.set_xlim(-0.6, len(columns) - 0.4)
     ax.set_ylim(-rows / 2 - 0.3, rows / 2 + 0.3)
     for side in ("top", "right", "left"):
         ax.spines[side].set_visible(False)
     cbar = fig.colorbar(sc, ax=ax, fraction=0.03, pad=0.01)
     cbar.set_label("score", fontsize=8)
     cbar.ax.tick_params(labelsize=7)
-    top = (
-        " → ".join(f"{graph.nodes[n]['layer']}.{graph.nodes[n]['index']}" for n in best[0][0][-3:])
-        if best
-        else ""
-    )
+    top = " → ".join(str(graph.nodes[n].get("label", n)) for n in best[0][0][-3:]) if best else ""
+    how = "dataflow on the region" if full.graph.get("source") == "chains" else "scores × weights"
     fig.suptitle(
-        f"Chain graph ({len(names)} layers; per layer up to {max_filters} filters: those on "
-        f"the paths, then the top-scoring); red: the {len(best)} strongest paths"
-        + (f"\nstrongest path ends … {top}" if top else ""),
+        f"Chain graph ({len(names)} layers, edges from {how}; per layer up to {max_filters} "
+        f"filters: those on the paths, then the top-scoring); red: the {len(best)} strongest "
+        "paths" + (f"\nstrongest path ends … {top}" if top else ""),
         fontsize=9,
     )
     fig.tight_layout()

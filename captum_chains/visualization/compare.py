@@ -245,8 +245,16 @@ def compare(
     inputs: torch.Tensor | None = ...,
     methods: Sequence[type[Attribution]] = ...,
     *,
+    target: int | Sequence[int] | torch.Tensor | None = ...,
+    layer: str | None = ...,
+    method_kwargs: Mapping[Any, Mapping[str, Any]] | None = ...,
+    signs: Mapping[Any, str] | None = ...,
+    max_inputs: int = ...,
+    denormalize: Denormalize | None = ...,
+    class_names: Sequence[str] | None = ...,
+    neurochains_layers: Any = ...,
+    panel_size: float = ...,
     return_result: Literal[False] = ...,
-    **kwargs: Any,
 ) -> Figure: ...
 
 
@@ -256,8 +264,16 @@ def compare(
     inputs: torch.Tensor | None = ...,
     methods: Sequence[type[Attribution]] = ...,
     *,
+    target: int | Sequence[int] | torch.Tensor | None = ...,
+    layer: str | None = ...,
+    method_kwargs: Mapping[Any, Mapping[str, Any]] | None = ...,
+    signs: Mapping[Any, str] | None = ...,
+    max_inputs: int = ...,
+    denormalize: Denormalize | None = ...,
+    class_names: Sequence[str] | None = ...,
+    neurochains_layers: Any = ...,
+    panel_size: float = ...,
     return_result: Literal[True],
-    **kwargs: Any,
 ) -> tuple[Figure, Comparison]: ...
 
 

@@ -147,7 +147,7 @@ class _Image:
             fx = torch.fft.rfftfreq(w)[None, :]
             freq = torch.sqrt(fy**2 + fx**2)
             self.scale = 1.0 / freq.clamp_min(1.0 / max(h, w)) ** decay
-            shape = (n, channels, h, w // 2 + 1, 2)
+            shape: tuple[int, ...] = (n, channels, h, w // 2 + 1, 2)
         else:
             shape = (n, channels, h, w)
         self.param = (torch.randn(shape, generator=gen) * init_std).requires_grad_(True)
@@ -298,8 +298,9 @@ def activation_maximization(
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     channels = int(sub.structure.input_shape[0]) if sub.structure.input_shape else 3
+    hw: tuple[int, int]
     if size is None:
-        hw = tuple(int(v) for v in sub.structure.input_shape[-2:])
+        hw = (int(sub.structure.input_shape[-2]), int(sub.structure.input_shape[-1]))
     else:
         hw = (int(size), int(size)) if isinstance(size, int) else (int(size[0]), int(size[1]))
     if jitter is None:
@@ -470,7 +471,7 @@ def _choose_filters(
     units = pick_units(sub.structure, layers, kept_pool) if layers is not None else kept_pool[-1:]
     importance = chain_scores(sub)
     per_layer = max(1, math.ceil(max_filters / len(units)))
-    chosen = []
+    chosen: list[tuple[str, int, float]] = []
     for u in units:
         s = importance[u.name]
         order = torch.argsort(s, descending=True, stable=True)

@@ -68,7 +68,7 @@ def _choose(
     units = pick_units(sub.structure, layers, pool) if layers is not None else evenly(pool, 3)
     per = max(1, math.ceil(max_filters / len(units)))
     imp = chain_scores(sub)
-    out = []
+    out: list[tuple[str, int]] = []
     for u in units:
         s = imp[u.name]
         order = torch.argsort(s, descending=True, stable=True)
