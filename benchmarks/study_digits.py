@@ -77,6 +77,7 @@ def run(arch: str, n_regions: int, args: argparse.Namespace) -> dict:
         backend=args.backend,
         num_workers=args.workers,
         regions_per_task=args.regions_per_task,
+        retry_failed=args.retry_failed,
         progress=True,
     )
     seconds = time.perf_counter() - start
@@ -95,6 +96,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None)
     parser.add_argument("--regions-per-task", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "study_digits"))
+    parser.add_argument("--retry-failed", action="store_true", help="rerun failed regions")
     parser.add_argument("--figures-only", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)

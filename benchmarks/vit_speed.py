@@ -13,6 +13,7 @@ sub-network against the SubNetwork.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
@@ -48,11 +49,9 @@ def floor_times(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
 
 
 def step_times(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
-    chain = ChainExtractor(model, steps=repeats + 1, finetune_steps=0).attribute(
-        x, progress=False
-    )
+    chain = ChainExtractor(model, steps=repeats + 1, finetune_steps=0).attribute(x, progress=False)
     stamps = [row["time"] for row in chain.history if row["phase"] == "optimize"]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def main() -> None:
@@ -74,7 +73,8 @@ def main() -> None:
     for u in structure.units:
         kinds[u.kind] += 1
         sizes[u.kind] += u.size
-    print(f"device: CPU ({platform.machine()}), {torch.get_num_threads()} thread(s); torch {torch.__version__}")
+    threads = torch.get_num_threads()
+    print(f"device: CPU ({platform.machine()}), {threads} thread(s); torch {torch.__version__}")
     print(f"discovery {found:.2f} s, family {structure.family}")
     for kind in kinds:
         print(f"  {kind}: {kinds[kind]} layers, {sizes[kind]} units")

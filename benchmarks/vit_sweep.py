@@ -72,9 +72,9 @@ def fidelity(model, sub, x: torch.Tensor) -> dict[str, float]:
 
 
 def run_setting(
-    model, data, regions, l1: float, gate: float, steps: int, seed: int
+    model, data, regions, l1: float, gate: float, steps: int, seed: int, **config: Any
 ) -> list[dict[str, Any]]:
-    extractor = ChainExtractor(model, l1=l1, gate_penalty=gate, steps=steps)
+    extractor = ChainExtractor(model, l1=l1, gate_penalty=gate, steps=steps, **config)
     start = time.perf_counter()
     chains = extractor.attribute_many(
         [data.x_test[idx] for _, _, idx, _ in regions], progress=False, seed=seed
@@ -159,14 +159,18 @@ def show(s: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--l1", type=float, nargs="+", default=[0.002, 0.0065, 0.015, 0.03])
-    parser.add_argument("--gate", type=float, nargs="+", default=[0.05, 0.2, 0.9])
+    parser.add_argument("--l1", type=float, nargs="+", default=[0.001, 0.002, 0.003, 0.005])
+    parser.add_argument("--gate", type=float, nargs="+", default=[0.0, 0.003, 0.01])
     parser.add_argument("--regions", type=int, default=20)
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--min-agreement", type=float, default=0.95)
     parser.add_argument("--max-kl", type=float, default=0.1)
+    parser.add_argument(
+        "--alpha-init", type=float, default=None, help="initial gate parameter (default: config)"
+    )
+    parser.add_argument("--no-gates", action="store_true", help="score units only (no gates)")
     parser.add_argument("--out", default=None, help="write per-region rows as JSON lines")
     args = parser.parse_args()
 
@@ -178,11 +182,15 @@ def main() -> None:
         f"digits ViT, {args.regions} regions of {args.per_class}+{args.per_class} test images, "
         f"threads={torch.get_num_threads()}"
     )
+    config: dict[str, Any] = {"use_gates": not args.no_gates}
+    if args.alpha_init is not None:
+        config["alpha_init"] = args.alpha_init
+    print(f"config overrides: {config}")
     summaries = []
-    handle = open(args.out, "w") if args.out else None  # noqa: SIM115
+    handle = open(args.out, "w") if args.out else None
     try:
         for l1, gate in itertools.product(args.l1, args.gate):
-            rows = run_setting(model, data, regions, l1, gate, args.steps, args.seed)
+            rows = run_setting(model, data, regions, l1, gate, args.steps, args.seed, **config)
             if handle is not None:
                 for row in rows:
                     handle.write(json.dumps(row) + "\n")

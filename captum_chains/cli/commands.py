@@ -165,6 +165,8 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
             overrides[name] = value
     if args.no_gates:
         overrides["use_gates"] = False
+    if args.compile:
+        overrides["compile"] = True
     return overrides
 
 

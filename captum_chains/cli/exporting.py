@@ -7,8 +7,11 @@ is installed) and compared with the SubNetwork it came from.
 
 from __future__ import annotations
 
+import contextlib
+import io
+import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from captum_chains.cli.output import CLIError, one_line
 
@@ -52,18 +55,29 @@ def save_onnx(
         import onnx
     except ImportError as err:
         raise CLIError("ONNX export needs the onnx package: pip install onnx") from err
+    try:  # the torch.export-based exporter needs onnxscript; else the TorchScript-based one
+        import onnxscript  # noqa: F401
+
+        options: dict[str, Any] = {
+            "dynamo": True,
+            "dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},),
+        }
+    except ImportError:
+        options = {"dynamo": False, "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}
     device = example.device
     exported, example = exported.cpu(), example.cpu()
     try:
-        torch.onnx.export(
-            exported,
-            (example,),
-            str(out),
-            input_names=["input"],
-            output_names=["logits"],
-            dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-            dynamo=False,
-        )
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore", DeprecationWarning)  # the legacy exporter's notice
+            torch.onnx.export(
+                exported,
+                (example,),
+                str(out),
+                input_names=["input"],
+                output_names=["logits"],
+                verbose=False,
+                **options,
+            )
     except Exception as err:
         raise CLIError(f"ONNX export failed: {one_line(err, 240)}") from err
     finally:

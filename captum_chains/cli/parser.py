@@ -60,6 +60,9 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--l1", type=float, help="lambda, l1 weight (default: per model family)")
     group.add_argument("--gate-penalty", type=float, help="lambda_g (default: per model family)")
     group.add_argument("--no-gates", action="store_true", help="score filters only, no gates")
+    group.add_argument(
+        "--compile", action="store_true", help="run the masked forward through torch.compile"
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,7 +43,8 @@ class PlaceholderRule(Rule):
 
     def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
         default = node.args[0] if node.args else inspect.Signature.empty
-        new = b.graph.placeholder(str(node.target), type_expr=node.type, default_value=default)
+        kind = None if isinstance(node.type, str) else node.type  # postponed annotations
+        new = b.graph.placeholder(str(node.target), type_expr=kind, default_value=default)
         new.meta = dict(node.meta)
         return b.set(node, new, None)
 

@@ -3,19 +3,22 @@
 The ``B * 2**n`` masked copies of a batch are built chunk by chunk (at most
 ``batch_size`` copies per forward pass, derived from a memory budget when not given),
 so memory stays bounded for any ``n`` and batch size. Evaluation runs under
-``torch.no_grad()`` and never touches the model's state.
+``torch.no_grad()``; an ``nn.Module`` runs in eval mode (as in the paper: batch-norm
+statistics must not move and dropout must be off), and its modes and ``requires_grad``
+flags are restored in ``finally``.
 """
 
 from __future__ import annotations
 
-import warnings
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from captum_chains._utils.model_state import frozen_eval
 from captum_chains.interactions.players import Players, masked_batch
 from captum_chains.interactions.values import ValueFn
 
@@ -88,12 +91,6 @@ def evaluate_values(
     torch.Tensor
         ``[B, 2**n]`` float64 values, ``out[b, T] = v(x_T)`` for sample ``b``.
     """
-    if isinstance(forward_func, nn.Module) and forward_func.training:
-        warnings.warn(
-            f"{type(forward_func).__name__} is in training mode: dropout or batch-norm make "
-            "v(x_T) depend on the batch; call model.eval() first",
-            stacklevel=3,
-        )
     batch = inputs[0].shape[0]
     n_sub = 1 << players.n
     total = batch * n_sub
@@ -101,7 +98,8 @@ def evaluate_values(
     values = torch.empty(total, dtype=torch.float64, device=device)
     starts = range(0, total, chunk)
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="chunk")
-    with torch.no_grad():
+    guard = frozen_eval(forward_func) if isinstance(forward_func, nn.Module) else nullcontext()
+    with guard, torch.no_grad():
         for start in bar:
             k = torch.arange(start, min(start + chunk, total), device=device)
             sample_index, subsets = k // n_sub, k % n_sub
@@ -109,9 +107,7 @@ def evaluate_values(
             extra = _expand_args(additional_forward_args, batch, sample_index)
             output = forward_func(*masked, *extra)
             if not isinstance(output, torch.Tensor):
-                raise TypeError(
-                    f"forward_func must return a tensor, got {type(output).__name__}"
-                )
+                raise TypeError(f"forward_func must return a tensor, got {type(output).__name__}")
             tgt = None if target is None else target[sample_index]
             v = value_fn(output, tgt)
             if v.shape != (len(k),):

@@ -51,9 +51,7 @@ def _blocks(n: int) -> tuple[sp.csc_matrix, sp.csc_matrix]:
 def _linprog(c, a_ub, b_ub, a_eq, b_eq, bounds) -> np.ndarray:
     from scipy.optimize import linprog
 
-    res = linprog(
-        c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs-ipm"
-    )
+    res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs-ipm")
     if res.status != 0:
         raise RuntimeError(f"the linear program did not solve: {res.message}")
     return res.x
@@ -117,7 +115,9 @@ def _shared(
         ysum = sp.csr_matrix(np.concatenate([[0.0], np.ones(size - 1)])[None, :])
         eq_rows.append(place([(yp, ysum), (yn, -ysum), (s, sp.csr_matrix([[-1.0]]))], 1))
         eq_rhs.append([0.0])
-        eq_rows.append(place([(xp, z), (xn, -z), (ep, -0.5 * eye), (gh, -eye), (g_bar, -eye)], size))
+        eq_rows.append(
+            place([(xp, z), (xn, -z), (ep, -0.5 * eye), (gh, -eye), (g_bar, -eye)], size)
+        )
         eq_rhs.append(0.5 * v[i])
         ub_rows.append(place([(xp, eye), (xn, eye), (t_and, -eye)], size))
         ub_rows.append(place([(yp, eye), (yn, eye), (t_or, -eye)], size))
@@ -146,13 +146,15 @@ def solve_lp(problem: Problem, progress: bool = True) -> Solution:
     """Exact optimum of ``problem`` (one LP per sample, or per sample and model)."""
     v = problem.values.detach().cpu().double().numpy()
     q = problem.noise_bound.detach().cpu().double().numpy()
-    batch, m, size = v.shape
+    batch, m, _ = v.shape
     gamma = np.zeros_like(v)
     noise = np.zeros_like(v)
     w_max = 1.0 if problem.weighting == "paper" else 1.0 - problem.alpha
-    jobs = [(b, None) for b in range(batch)] if problem.shared else [
-        (b, i) for b in range(batch) for i in range(m)
-    ]
+    jobs = (
+        [(b, None) for b in range(batch)]
+        if problem.shared
+        else [(b, i) for b in range(batch) for i in range(m)]
+    )
     for b, i in tqdm(jobs, desc="γ/ε (lp)", disable=not progress, leave=False):
         if i is None:
             assert problem.gamma_bound is not None
@@ -161,6 +163,4 @@ def solve_lp(problem: Problem, progress: bool = True) -> Solution:
         else:
             gamma[b, i], noise[b, i] = _single(v[b, i], float(q[b, i]))
     dev = problem.values.device
-    return Solution(
-        gamma=torch.from_numpy(gamma).to(dev), noise=torch.from_numpy(noise).to(dev)
-    )
+    return Solution(gamma=torch.from_numpy(gamma).to(dev), noise=torch.from_numpy(noise).to(dev))

@@ -209,7 +209,8 @@ def validate_players(
         if missing:
             raise ValueError(
                 f"feature_mask ids must be consecutive 0..{n - 1} in every sample; sample {b} "
-                f"lacks ids {missing[:10]}. Relabel, e.g. torch.unique(mask, return_inverse=True)[1]"
+                f"lacks ids {missing[:10]}. Relabel, e.g. "
+                "torch.unique(mask, return_inverse=True)[1]"
             )
     return Players(n=n, masks=tuple(m.contiguous() for m in out))
 

@@ -66,9 +66,7 @@ class InteractionPrimitives(PerturbationAttribution):
         value: str | ValueFn = "log_odds",
         model_names: Sequence[str] | None = None,
     ) -> None:
-        funcs = (
-            list(forward_func) if isinstance(forward_func, list | tuple) else [forward_func]
-        )
+        funcs = list(forward_func) if isinstance(forward_func, list | tuple) else [forward_func]
         if not funcs:
             raise ValueError("forward_func must be a callable or a non-empty list of callables")
         for k, f in enumerate(funcs):
@@ -79,11 +77,11 @@ class InteractionPrimitives(PerturbationAttribution):
         self.value_fn = resolve_value(value)
         if model_names is None:
             names = [type(f).__name__ for f in funcs]
-            model_names = [f"{nm}[{k}]" if names.count(nm) > 1 else nm for k, nm in enumerate(names)]
+            model_names = [
+                f"{nm}[{k}]" if names.count(nm) > 1 else nm for k, nm in enumerate(names)
+            ]
         if len(model_names) != len(funcs):
-            raise ValueError(
-                f"model_names has {len(model_names)} entries for {len(funcs)} models"
-            )
+            raise ValueError(f"model_names has {len(model_names)} entries for {len(funcs)} models")
         self.model_names = tuple(model_names)
 
     @property
@@ -115,9 +113,8 @@ class InteractionPrimitives(PerturbationAttribution):
             raise TypeError("inputs must be a tensor or a tuple of tensors")
         batch = inps[0].shape[0] if inps[0].dim() > 0 else 0
         if batch < 1 or any(x.dim() == 0 or x.shape[0] != batch for x in inps):
-            raise ValueError(
-                f"inputs must share a batch dimension >= 1; got shapes {[tuple(x.shape) for x in inps]}"
-            )
+            shapes = [tuple(x.shape) for x in inps]
+            raise ValueError(f"inputs must share a batch dimension >= 1; got shapes {shapes}")
         players = validate_players(inps, feature_mask)
         self._check_size(players.n, batch, max_players, memory_budget_mb)
         bases = resolve_baselines(inps, baselines)
@@ -133,7 +130,15 @@ class InteractionPrimitives(PerturbationAttribution):
         for name, f in zip(self.model_names, self.forward_funcs, strict=True):
             out.append(
                 evaluate_values(
-                    f, inps, bases, players, tgt, self.value_fn, extra, chunk, progress,
+                    f,
+                    inps,
+                    bases,
+                    players,
+                    tgt,
+                    self.value_fn,
+                    extra,
+                    chunk,
+                    progress,
                     desc=f"v(x_T) {name}",
                 )
             )
@@ -182,7 +187,7 @@ class InteractionPrimitives(PerturbationAttribution):
         """
         if values.dim() != 3:
             raise ValueError(f"values must be [B, m, 2**n], got shape {tuple(values.shape)}")
-        batch, m, size = values.shape
+        _, m, size = values.shape
         n = size.bit_length() - 1
         if 1 << n != size:
             raise ValueError(f"the last dimension of values must be 2**n, got {size}")
@@ -224,9 +229,9 @@ class InteractionPrimitives(PerturbationAttribution):
             noise_bound=q,
             v_empty=v_empty,
             player_names=names,
-            model_names=self.model_names if len(self.model_names) == m else tuple(
-                f"model{i}" for i in range(m)
-            ),
+            model_names=self.model_names
+            if len(self.model_names) == m
+            else tuple(f"model{i}" for i in range(m)),
             method=method,
             loss=loss,
             top_k=top_k,

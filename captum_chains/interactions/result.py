@@ -262,7 +262,9 @@ class InteractionResult:
             out |= 1 << i
         return out
 
-    def top(self, kind: str = "and", sample: int = 0, model: int = 0, k: int = 10) -> list[Interaction]:
+    def top(
+        self, kind: str = "and", sample: int = 0, model: int = 0, k: int = 10
+    ) -> list[Interaction]:
         """The ``k`` strongest interactions (non-empty ``S``) by ``|I(S)|``, strongest first."""
         inter = self.interactions(kind)[sample, model].clone()
         inter[0] = 0.0
@@ -271,14 +273,18 @@ class InteractionResult:
             Interaction(self.names_of(s), s, float(inter[s]), kind) for s in idx if inter[s] != 0
         ]
 
-    def listing(self, kind: str, mask: torch.Tensor, sample: int = 0, model: int = 0) -> list[Interaction]:
+    def listing(
+        self, kind: str, mask: torch.Tensor, sample: int = 0, model: int = 0
+    ) -> list[Interaction]:
         """Interactions of ``model`` selected by a ``[2**n]`` mask, strongest first."""
         inter = self.interactions(kind)[sample, model]
         idx = mask.nonzero().flatten().tolist()
         items = [Interaction(self.names_of(s), s, float(inter[s]), kind) for s in idx]
         return sorted(items, key=lambda it: -abs(it.value))
 
-    def shared_interactions(self, kind: str = "and", sample: int = 0, model: int = 0) -> list[Interaction]:
+    def shared_interactions(
+        self, kind: str = "and", sample: int = 0, model: int = 0
+    ) -> list[Interaction]:
         """:meth:`shared` interactions of ``sample`` with the values of ``model``."""
         return self.listing(kind, self.shared(kind)[sample], sample, model)
 

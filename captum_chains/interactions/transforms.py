@@ -139,6 +139,18 @@ def or_interactions(v_or: torch.Tensor) -> torch.Tensor:
     return torch.cat((v_or[..., :1], out[..., 1:]), dim=-1)
 
 
+def or_interactions_adjoint(u: torch.Tensor) -> torch.Tensor:
+    """Transpose of the linear map :func:`or_interactions` (used by the PDHG solver).
+
+    ``or_interactions = E_∅ + (I - E_∅)(-Möbius ∘ complement)`` row-wise, so its
+    transpose is ``u_∅ e_∅ - complement(superset_mobius(u with u_∅ = 0))``.
+    """
+    head = u[..., :1]
+    tail = torch.cat((torch.zeros_like(head), u[..., 1:]), dim=-1)
+    out = -complement(superset_mobius(tail))
+    return torch.cat((out[..., :1] + head, out[..., 1:]), dim=-1)
+
+
 def and_values(i_and: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`and_interactions`: ``v_and(x_T) = sum_{S ⊆ T} I_and(S)``."""
     return zeta(i_and)

@@ -183,9 +183,10 @@ def _base_row(region: Region) -> dict[str, Any]:
 def failed_region(region: Region, err: BaseException, seconds: float = 0.0) -> RegionTables:
     """The record of a region whose extraction or evaluation raised ``err``."""
     row = _base_row(region)
+    lines = str(err).strip().splitlines()
     row.update(
         status="error",
-        error=f"{type(err).__name__}: {err}",
+        error=f"{type(err).__name__}: {lines[0][:300] if lines else ''}",
         traceback="".join(traceback.format_exception(type(err), err, err.__traceback__))[-4000:],
         extract_s=seconds,
     )

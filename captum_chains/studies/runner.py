@@ -362,7 +362,9 @@ def _run_ray(
         else:
             ray.init(address=address)
         started = True
-    remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=0)(_ray_task)
+    # Tasks are deterministic, so a task whose worker died (e.g. killed by Ray's memory
+    # monitor) is simply run again, twice at most, before its regions are recorded as failed.
+    remote = ray.remote(num_cpus=threads, num_gpus=gpus, max_retries=2)(_ray_task)
     model_ref = ray.put(model)
     pool_ref = ray.put(pool)
     labels_ref = ray.put(pool_labels)
