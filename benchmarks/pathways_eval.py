@@ -16,9 +16,13 @@ IntegratedGradients, Gradient x Input, GuidedBackprop and GradCAM.
 
 Usage::
 
-    python benchmarks/pathways_eval.py                    # both models (~30-40 min, 1 core)
-    python benchmarks/pathways_eval.py --model digits     # ~2 min
-    python benchmarks/pathways_eval.py --model effnet --no-intgrad-sanity
+    python benchmarks/pathways_eval.py --model digits       # ~3 min of CPU
+    python benchmarks/pathways_eval.py --model effnet --effnet-overlap 8
+    python benchmarks/pathways_eval.py --model effnet --sections sanity --methods MCT,GradCAM
+
+On EfficientNet most of the time (about 45 s per image and call on one core) goes to
+NeuronIntGrad: its sanity check alone takes ~35 min; ``--sections`` and ``--methods``
+run parts, ``--json`` keeps every number written so far.
 
 Everything runs on CPU with ``--threads`` threads (default 1; the numbers do not
 depend on it).
@@ -84,7 +88,7 @@ def methods(setup: Setup, percentile: float) -> dict[str, tuple[Explain, Callabl
 
     def pg(method: str) -> Explain:
         return lambda m, x, t: PathwayGradient(m).attribute(
-            x, target=t, percentile=percentile, method=method, internal_batch_size=22
+            x, target=t, percentile=percentile, method=method, internal_batch_size=11
         )
 
     def captum(cls, **kw) -> Explain:
@@ -99,13 +103,13 @@ def methods(setup: Setup, percentile: float) -> dict[str, tuple[Explain, Callabl
         "PathwayGrad (NeuronIntGrad)": (
             pg("integrated"),
             lambda m: PathwayGradient(m).attribute,
-            {"percentile": percentile, "method": "integrated", "internal_batch_size": 22},
+            {"percentile": percentile, "method": "integrated", "internal_batch_size": 11},
         ),
         "Saliency": (captum(Saliency, abs=False), lambda m: Saliency(m).attribute, {"abs": False}),
         "IntegratedGradients": (
-            captum(IntegratedGradients, n_steps=setup.ig_steps),
+            captum(IntegratedGradients, n_steps=setup.ig_steps, internal_batch_size=16),
             lambda m: IntegratedGradients(m).attribute,
-            {"n_steps": setup.ig_steps},
+            {"n_steps": setup.ig_steps, "internal_batch_size": 16},
         ),
         "Gradient x Input": (captum(InputXGradient), lambda m: InputXGradient(m).attribute, {}),
         "GuidedBackprop": (captum(GuidedBackprop), lambda m: GuidedBackprop(m).attribute, {}),
@@ -182,7 +186,7 @@ def pathway_stats(setup: Setup, percentiles: tuple[float, ...]) -> list[dict]:
                 target=setup.target,
                 percentile=p,
                 method=method,
-                internal_batch_size=22,
+                internal_batch_size=11,
             )
             seconds = time.time() - start
             with torch.no_grad():
@@ -204,11 +208,8 @@ def pathway_stats(setup: Setup, percentiles: tuple[float, ...]) -> list[dict]:
     return rows
 
 
-def sanity(setup: Setup, table: dict, skip: set[str]) -> dict[str, dict]:
-    out = {}
+def sanity(setup: Setup, table: dict, out: dict, save: Callable[[], None]) -> None:
     for name, (explain, _, _) in table.items():
-        if name in skip:
-            continue
         start = time.time()
         res = cascading_randomization(
             setup.model,
@@ -225,17 +226,18 @@ def sanity(setup: Setup, table: dict, skip: set[str]) -> dict[str, dict]:
             "curve_spearman_abs": [round(float(v), 3) for v in summary["spearman_abs"]],
             "seconds": time.time() - start,
         }
-        print(
-            f"  sanity {name}: {out[name]['spearman_abs']:.3f} ({out[name]['seconds']:.0f}s)",
-            flush=True,
-        )
-    return out
+        save()
+        print(f"  sanity {name}: {out[name]}", flush=True)
 
 
 def perturbation_and_metrics(
-    setup: Setup, table: dict, n_perturb: int, skip_sensitivity: set[str]
-) -> dict[str, dict]:
-    out = {}
+    setup: Setup,
+    table: dict,
+    n_perturb: int,
+    skip_sensitivity: set[str],
+    out: dict,
+    save: Callable[[], None],
+) -> None:
     for name, (explain, attribute_factory, kwargs) in table.items():
         start = time.time()
         attr = explain(setup.model, setup.inputs, setup.target)
@@ -259,8 +261,8 @@ def perturbation_and_metrics(
         else:
             row["infidelity"] = row["sensitivity_max"] = float("nan")
         out[name] = row
+        save()
         print(f"  {name}: {row}", flush=True)
-    return out
 
 
 def overlap(model: nn.Module, region: Tensor, percentile: float) -> dict:
@@ -275,7 +277,7 @@ def overlap(model: nn.Module, region: Tensor, percentile: float) -> dict:
     out: dict = {"chain_seconds": chain_seconds, "region": len(region)}
     for method in ("taylor", "integrated"):
         pathways = CriticalPathways(model).attribute(
-            region, target=target, percentile=percentile, method=method, internal_batch_size=22
+            region, target=target, percentile=percentile, method=method, internal_batch_size=11
         )
         result = pathway_chain_overlap(chain, pathways)
         kept = sum(int(v.sum()) for v in result.kept.values())
@@ -351,6 +353,9 @@ def print_tables(setup: Setup, stats: list[dict], sane: dict, pert: dict) -> Non
         )
 
 
+SECTIONS = ("stats", "sanity", "perturbation", "overlap")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", choices=["digits", "effnet", "both"], default="both")
@@ -362,9 +367,12 @@ def main() -> None:
     parser.add_argument("--effnet-sanity-n", type=int, default=2)
     parser.add_argument("--n-perturb", type=int, default=5)
     parser.add_argument(
-        "--no-intgrad-sanity",
-        action="store_true",
-        help="skip the (slow) NeuronIntGrad sanity check on EfficientNet",
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"comma-separated subset of {SECTIONS}",
+    )
+    parser.add_argument(
+        "--methods", default="", help="comma-separated substrings selecting methods (default all)"
     )
     parser.add_argument(
         "--effnet-overlap",
@@ -372,40 +380,59 @@ def main() -> None:
         default=0,
         help="region size for the (slow) NeuroChains overlap on EfficientNet; 0 skips it",
     )
-    parser.add_argument("--json", help="also write all numbers to this JSON file")
+    parser.add_argument("--json", help="write all numbers to this JSON file (after every step)")
     args = parser.parse_args()
+    sections = set(args.sections.split(","))
+    unknown = sections - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}; choose from {SECTIONS}")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    results = {}
+    results: dict = {}
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1, default=float)
+
     setups = []
     if args.model in ("digits", "both"):
         setups.append(("digits", digits_setup(args.digits_n, args.digits_sanity_n)))
     if args.model in ("effnet", "both"):
         setups.append(("effnet", effnet_setup(args.effnet_n, args.effnet_sanity_n)))
+    wanted = [w for w in args.methods.split(",") if w]
     for key, setup in setups:
         print(f"== {setup.name}", flush=True)
-        table = methods(setup, args.percentile)
+        table = {
+            name: entry
+            for name, entry in methods(setup, args.percentile).items()
+            if not wanted or any(w in name for w in wanted)
+        }
         is_effnet = key == "effnet"
-        stats = pathway_stats(setup, (args.percentile,) if is_effnet else (70.0, 85.0, 95.0))
-        skip = {"PathwayGrad (NeuronIntGrad)"} if is_effnet and args.no_intgrad_sanity else set()
-        sane = sanity(setup, table, skip)
-        skip_sens = {"PathwayGrad (NeuronIntGrad)"} if is_effnet else set()
-        pert = perturbation_and_metrics(setup, table, args.n_perturb, skip_sens)
-        print_tables(setup, stats, sane, pert)
-        results[key] = {"stats": stats, "sanity": sane, "perturbation": pert}
+        out = results.setdefault(key, {"stats": [], "sanity": {}, "perturbation": {}})
+        if "stats" in sections:
+            percentiles = (args.percentile,) if is_effnet else (70.0, 85.0, 95.0)
+            out["stats"] = pathway_stats(setup, percentiles)
+            save()
+        if "sanity" in sections:
+            sanity(setup, table, out["sanity"], save)
+        if "perturbation" in sections:
+            skip_sens = {"PathwayGrad (NeuronIntGrad)"} if is_effnet else set()
+            perturbation_and_metrics(
+                setup, table, args.n_perturb, skip_sens, out["perturbation"], save
+            )
+        print_tables(setup, out["stats"], out["sanity"], out["perturbation"])
         region = None
-        if key == "digits":
+        if "overlap" in sections and key == "digits":
             region = digits_region()
-        elif args.effnet_overlap:
+        elif "overlap" in sections and args.effnet_overlap:
             from captum_chains.data import local_region, sample_photo
 
             region = local_region(sample_photo("chelsea"), n=args.effnet_overlap, seed=0)
         if region is not None:
-            results[key]["overlap"] = overlap(setup.model, region, args.percentile)
-            print_overlap(setup.name, results[key]["overlap"])
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=1, default=float)
+            out["overlap"] = overlap(setup.model, region, args.percentile)
+            save()
+            print_overlap(setup.name, out["overlap"])
 
 
 if __name__ == "__main__":

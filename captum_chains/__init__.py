@@ -4,10 +4,20 @@ Public API
 ----------
 ChainExtractor, ChainConfig, Chain, SubNetwork
     NeuroChains (Wang, Zhou and Bilmes, TMLR 2022).
+CriticalPathways, PathwayGradient
+    Critical pathways and the pathway gradient (Khakzar et al., CVPR 2021).
+InteractionPrimitives, InteractionResult
+    Generalizable AND-OR interaction primitives (Chen et al., ICLR 2024).
+
+Subpackages: ``metrics`` (fidelity, faithfulness, stability, quotient, robustness),
+``studies`` (many-region studies), ``visualization`` (figures), ``export`` (standalone
+sub-networks), ``chains`` (filter -> filter graphs), ``data``/``pretrained``/``zoo``.
 """
 
 from captum_chains.config import FAMILY_PENALTIES, ChainConfig
+from captum_chains.interactions import InteractionPrimitives, InteractionResult
 from captum_chains.neurochains import ChainExtractor
+from captum_chains.pathways import CriticalPathways, PathwayGradient
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork
 from captum_chains.units import GateSpec, ModelStructure, UnitLayer, discover
@@ -19,8 +29,12 @@ __all__ = [
     "Chain",
     "ChainConfig",
     "ChainExtractor",
+    "CriticalPathways",
     "GateSpec",
+    "InteractionPrimitives",
+    "InteractionResult",
     "ModelStructure",
+    "PathwayGradient",
     "SubNetwork",
     "UnitLayer",
     "__version__",

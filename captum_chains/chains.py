@@ -181,7 +181,9 @@ class _Flows:
         inputs = tuple(t.to(device) for t in inputs)
         work = working_copy(sub.model)
         gm, tracer = trace(work)
-        scores = {n: sub.scores[a:b].detach().to(device) for n, (a, b) in structure.offsets().items()}
+        scores = {
+            n: sub.scores[a:b].detach().to(device) for n, (a, b) in structure.offsets().items()
+        }
         closed = [g for g, o in zip(structure.gates, sub.gates_open.tolist()) if not o]
         self.site = apply_subnetwork(gm, tracer, structure.units, scores, closed, always=True)
         self.scores = {n: s.cpu() for n, s in scores.items()}
@@ -206,7 +208,9 @@ class _Flows:
         mixed: dict[fx.Node, frozenset[str]] = {}
         for node in a.nodes:
             ins = node.all_input_nodes
-            all_in = frozenset().union(*(aligned[i] | mixed[i] for i in ins)) if ins else frozenset()
+            all_in = (
+                frozenset().union(*(aligned[i] | mixed[i] for i in ins)) if ins else frozenset()
+            )
             if node in unit_of_site:
                 aligned[node], mixed[node] = frozenset({unit_of_site[node]}), frozenset()
             elif node in producers:
@@ -294,7 +298,12 @@ class _Flows:
         rule = self.a.rule[node]
         info = self.a.info.get(node.args[0])  # type: ignore[arg-type]
         kept = torch.nonzero(self.scores[unit] > 0).flatten()
-        if not upstream or info is None or not isinstance(rule, (ConvRule, LinearRule)) or not len(kept):
+        if (
+            not upstream
+            or info is None
+            or not isinstance(rule, (ConvRule, LinearRule))
+            or not len(kept)
+        ):
             return
         live = torch.nonzero(self._live(upstream, info.size)).flatten()
         if not len(live):
@@ -399,7 +408,9 @@ def _channel_mean_abs(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t.detach().abs().float().movedim(dim, 0).reshape(t.shape[dim], -1).mean(1).cpu()
 
 
-def _conv_flows(module: Any, x: torch.Tensor, kept: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+def _conv_flows(
+    module: Any, x: torch.Tensor, kept: torch.Tensor, live: torch.Tensor
+) -> torch.Tensor:
     """``F[j, c] = mean |W_{j,c} * X_c|`` for a (grouped) convolution, one input channel at a time."""
     g = module.groups
     in_pg, out_pg = module.in_channels // g, module.out_channels // g
@@ -498,7 +509,7 @@ def write_graphml(graph: Any, path: str | Path) -> None:
 
 def to_dot(graph: Any, *, min_fraction: float = 0.0) -> str:
     """The chain graph in Graphviz DOT, one rank per layer, pen width by edge fraction."""
-    lines = ["digraph chain {", "  rankdir=LR;", '  node [shape=box, fontsize=10];']
+    lines = ["digraph chain {", "  rankdir=LR;", "  node [shape=box, fontsize=10];"]
     by_depth: dict[int, list[Any]] = {}
     for n, d in graph.nodes(data=True):
         by_depth.setdefault(int(d.get("depth", 0)), []).append(n)

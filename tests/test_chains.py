@@ -222,7 +222,7 @@ def test_removed_block_passes_the_stream_through():
     x = make_inputs(n=3, size=8, seed=4)
     structure = discover(model, (x,))
     ones = {u.name: torch.ones(u.size) for u in structure.units}
-    first = structure.gates[0]
+    first = next(g for g in structure.gates if g.kind == "block")
     sub = subnetwork_from_mappings(model, structure, ones, {first.name: False})
     graph = chain_graph(sub, x)
     assert not any(graph.nodes[n]["layer"] in first.units for n in graph.nodes)
@@ -242,7 +242,9 @@ def layered_graphs(draw):
     sizes = [draw(st.integers(1, 3)) for _ in range(layers)]
     for depth, size in enumerate(sizes):
         for i in range(size):
-            graph.add_node(f"l{depth}.{i}", depth=depth, label=f"l{depth}.{i}", input_layer=depth == 0)
+            graph.add_node(
+                f"l{depth}.{i}", depth=depth, label=f"l{depth}.{i}", input_layer=depth == 0
+            )
     for depth in range(layers - 1):
         for i, j in itertools.product(range(sizes[depth]), range(sizes[depth + 1])):
             if draw(st.booleans()):
@@ -303,7 +305,9 @@ def test_chain_graph_needs_inputs_and_a_chain():
     model = _model(TwoConv, 1)
     x = torch.randn(2, 2, 6, 6)
     structure = discover(model, (x,))
-    sub = subnetwork_from_mappings(model, structure, {u.name: torch.ones(u.size) for u in structure.units})
+    sub = subnetwork_from_mappings(
+        model, structure, {u.name: torch.ones(u.size) for u in structure.units}
+    )
     with pytest.raises(ValueError, match="inputs"):
         chain_graph(sub)
     with pytest.raises(TypeError, match="Chain or SubNetwork"):
@@ -320,7 +324,9 @@ def test_chain_methods_delegate_to_the_graph():
     chain = ChainExtractor(model, steps=10, finetune_steps=2).attribute(x, progress=False, seed=0)
     graph = chain.graph()
     assert set(graph.nodes) >= {
-        f"{name}.{i}" for name, s in chain.importance.items() for i in torch.nonzero(s > 0).flatten().tolist()
+        f"{name}.{i}"
+        for name, s in chain.importance.items()
+        for i in torch.nonzero(s > 0).flatten().tolist()
     }
     paths = chain.paths(2)
     assert paths and all(" → " in p for p in paths)

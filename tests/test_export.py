@@ -150,7 +150,7 @@ def assert_exact(exported: nn.Module, sub: SubNetwork, x: torch.Tensor) -> None:
 
 
 # --------------------------------------------------------------------------- matrix
-@pytest.mark.parametrize("name", sorted(BUILDERS))
+@pytest.mark.parametrize("name", sorted(set(BUILDERS) - {"digits_vgg", "digits_resnet"}))
 @settings(max_examples=2, phases=NO_SHRINK)
 @given(data=st.data())
 def test_export_equals_subnetwork_on_every_family(name, data):
@@ -219,6 +219,7 @@ COUNTED = [
     "efficientnet_se",
     "convnext",
     "regnet_y",
+    "digits_vgg",
     "digits_resnet",
 ]
 
@@ -231,6 +232,7 @@ def test_parameter_count_equals_independent_count(name, data):
     importance, gates = data.draw(keep_masks(structure))
     sub = subnetwork_from_mappings(model, structure, importance, gates)
     exported = export_subnetwork(sub, example_inputs=x)
+    assert_exact(exported, sub, check_inputs(x))
     # large enough that every kernel tap of the deepest convolutions touches the image
     size = 128 if name in ("convnext", "efficientnet_lite0") else 64
     big = torch.randn(4, x.shape[1], size, size, generator=torch.Generator().manual_seed(5))
@@ -278,9 +280,7 @@ def test_removed_blocks_are_identities_and_cost_nothing():
     names = {n for n, _ in exported.named_modules()}
     for gate in blocks:
         assert not any(n == u or n.startswith(u + ".") for u in gate.units for n in names)
-    removed = sum(
-        p.numel() for g in blocks for p in model.get_submodule(g.name).parameters()
-    )
+    removed = sum(p.numel() for g in blocks for p in model.get_submodule(g.name).parameters())
     assert exported.report.params_after == count_parameters(model) - removed
 
 
@@ -329,7 +329,9 @@ def test_single_filter_chain_through_a_plain_network():
 
 
 def test_macs_are_counted_like_a_hand_computation():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 2))
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 64, 2)
+    )
     x = torch.randn(1, 3, 8, 8)
     assert count_macs(model, (x,)) == 4 * 64 * 3 * 9 + 2 * 4 * 64
 
@@ -384,7 +386,9 @@ def test_family_exports_run_under_torchscript_torch_export_and_onnx(name):
 def _sub(name="resnet"):
     model, structure, x = family_model(name)
     gen = torch.Generator().manual_seed(0)
-    importance = {u.name: (torch.rand(u.size, generator=gen) < 0.5).float() for u in structure.units}
+    importance = {
+        u.name: (torch.rand(u.size, generator=gen) < 0.5).float() for u in structure.units
+    }
     return subnetwork_from_mappings(model, structure, importance), x
 
 
@@ -408,7 +412,9 @@ def test_changed_architecture_is_rejected_naming_the_layer():
     changed = _tiny_vgg(True).eval()
     changed.features[4] = nn.Conv2d(8, 12, 3, padding=1)  # was 8 -> 16
     gen = torch.Generator().manual_seed(0)
-    importance = {u.name: (torch.rand(u.size, generator=gen) < 0.5).float() for u in structure.units}
+    importance = {
+        u.name: (torch.rand(u.size, generator=gen) < 0.5).float() for u in structure.units
+    }
     sub = subnetwork_from_mappings(model, structure, importance)
     with pytest.raises(ExportError, match=r"features\.4.*12 filters"):
         export_subnetwork(sub, model=changed, example_inputs=x)
@@ -457,7 +463,10 @@ def test_unknown_channel_op_is_kept_whole_or_rejected_in_strict_mode():
     model = _Cumsum().eval()
     x = torch.randn(2, 3, 8, 8)
     structure = discover(model, (x,))
-    importance = {"conv1": torch.tensor([1.0, 0, 0, 1, 0, 0]), "conv2": torch.tensor([0.5, 0, 1, 1])}
+    importance = {
+        "conv1": torch.tensor([1.0, 0, 0, 1, 0, 0]),
+        "conv2": torch.tensor([0.5, 0, 1, 1]),
+    }
     sub = subnetwork_from_mappings(model, structure, importance)
     exported = export_subnetwork(sub, example_inputs=x)
     assert_exact(exported, sub, torch.randn(3, 3, 10, 10))

@@ -178,8 +178,9 @@ def test_captum_metrics_vanish_for_exact_gradients_of_a_linear_model():
     assert scores["infidelity"].shape == (3,) and scores["sensitivity_max"].shape == (3,)
     torch.testing.assert_close(scores["infidelity"], torch.zeros(3), atol=1e-6, rtol=0)
     torch.testing.assert_close(scores["sensitivity_max"], torch.zeros(3), atol=1e-6, rtol=0)
-    noisy = captum_scores(model, x, saliency.attribute, torch.randn_like(x), target=0, abs=False)
+    noisy = captum_scores(model, x, None, torch.randn_like(x), target=0)
     assert (noisy["infidelity"] > 1e-3).all()
+    assert torch.isnan(noisy["sensitivity_max"]).all()  # None skips sensitivity
 
 
 def test_captum_metrics_run_on_the_pathway_gradient():

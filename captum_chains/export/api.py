@@ -111,12 +111,16 @@ def export_subnetwork(
 
     work = working_copy(model)
     gm, tracer = trace(work)
-    scores = {n: subnetwork.scores[a:b].detach().to(device) for n, (a, b) in structure.offsets().items()}
+    scores = {
+        n: subnetwork.scores[a:b].detach().to(device) for n, (a, b) in structure.offsets().items()
+    }
     closed = [g for g, o in zip(structure.gates, subnetwork.gates_open.tolist()) if not o]
     apply_subnetwork(gm, tracer, structure.units, scores, closed)
     with torch.no_grad():
         traced_out, sub_out = gm(*example), subnetwork(*example)
-    if not torch.allclose(traced_out, sub_out, rtol=1e-5, atol=1e-6 * float(sub_out.abs().max()) + 1e-12):
+    if not torch.allclose(
+        traced_out, sub_out, rtol=1e-5, atol=1e-6 * float(sub_out.abs().max()) + 1e-12
+    ):
         raise ExportError(
             "the traced model does not reproduce the SubNetwork (max difference "
             f"{float((traced_out - sub_out).abs().max()):.3g}); the model's forward may depend on "
@@ -138,7 +142,9 @@ def export_subnetwork(
     return exported
 
 
-def _inputs(inputs: Any, structure: ModelStructure, device: torch.device) -> tuple[torch.Tensor, ...]:
+def _inputs(
+    inputs: Any, structure: ModelStructure, device: torch.device
+) -> tuple[torch.Tensor, ...]:
     if inputs is not None:
         return tuple(t.to(device) for t in format_inputs(inputs))
     if not structure.input_shape:
@@ -173,7 +179,9 @@ def check_model(structure: ModelStructure, model: nn.Module) -> None:
                 "chain was extracted; the architecture changed"
             )
         if unit.site not in modules:
-            raise ExportError(f"score site {unit.site!r} of layer {unit.name!r} is missing from the model")
+            raise ExportError(
+                f"score site {unit.site!r} of layer {unit.name!r} is missing from the model"
+            )
     for gate in structure.gates:
         for name in (gate.start, gate.end):
             if name not in modules:

@@ -34,8 +34,8 @@ def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
             return
         per_input = out.numel() // max(out.shape[0], 1)
         if isinstance(module, nn.modules.conv._ConvNd):
-            total[0] += per_input * (module.in_channels // module.groups) * math.prod(
-                module.kernel_size
+            total[0] += (
+                per_input * (module.in_channels // module.groups) * math.prod(module.kernel_size)
             )
         elif isinstance(module, nn.Linear):
             total[0] += per_input * module.in_features
@@ -153,7 +153,9 @@ class ExportReport:
             f"({self.relative_error:.2g} of the logit range)",
         ]
         if self.removed_gates:
-            lines.append(f"identity (removed) {len(self.removed_gates)}: {', '.join(self.removed_gates)}")
+            lines.append(
+                f"identity (removed) {len(self.removed_gates)}: {', '.join(self.removed_gates)}"
+            )
         if self.full_width:
             lines.append(f"kept at full width {len(self.full_width)}: {', '.join(self.full_width)}")
         return "\n".join(lines)

@@ -71,18 +71,21 @@ def _dense_input(a: Analysis, b: Builder, x: fx.Node) -> tuple[fx.Node, Layout]:
 
 
 class _Dense(Rule):
-    """Shared parts of convolutions and linear layers: ``out[o] = sum_c W[o, c] * in[c] + b[o]``."""
+    """Shared parts of convolutions and linear layers: ``out[o] = sum_c W[o, c] * in[c] + b[o]``
+    (sums within the group of ``o`` for grouped convolutions)."""
 
-    def _connectivity(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        """Bool ``[out, in_channels]``: which input channel reaches which output channel."""
+    def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
+        """Bool ``[out, in_channels / groups]`` (which input of its group an output reads), groups."""
         raise NotImplementedError
 
     def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
         m = a.module(node)
-        conn = self._connectivity(a, node)
-        x = node.args[0]
-        nz_in = a.nonzero_of(x)
-        hit = conn.any(1) if nz_in is None else (conn & nz_in.view(1, -1)).any(1)
+        local, g = self._local(a, node)
+        out, in_pg = local.shape
+        nz_in = a.nonzero_of(node.args[0])
+        if nz_in is None:
+            nz_in = torch.ones(g * in_pg, dtype=torch.bool)
+        hit = (local.view(g, out // g, in_pg) & nz_in.view(g, 1, in_pg)).any(-1).flatten()
         if getattr(m, "bias", None) is not None:
             hit = hit | (m.bias.detach().cpu() != 0)
         return hit
@@ -92,7 +95,9 @@ class _Dense(Rule):
         x = node.args[0]
         if not a.has_channels(x):
             return {x: bool(mask.any())}
-        return {x: (self._connectivity(a, node) & mask.view(-1, 1)).any(0)}
+        local, g = self._local(a, node)
+        out, in_pg = local.shape
+        return {x: (local.view(g, out // g, in_pg) & mask.view(g, -1, 1)).any(1).flatten()}
 
     def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
         module = b.module_of(node)
@@ -123,21 +128,13 @@ class ConvRule(_Dense):
             raise Decline
         return ChannelInfo(1, m.out_channels)
 
-    def _connectivity(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        cached = node.meta.get("export_conn")
-        if cached is not None:
-            return cached
-        m = a.module(node)
-        w = m.weight.detach().abs().flatten(2).sum(-1).cpu() != 0  # [out, in/g]
-        g = m.groups
-        out_pg, in_pg = m.out_channels // g, m.in_channels // g
-        conn = torch.zeros(m.out_channels, m.in_channels, dtype=torch.bool)
-        for k in range(g):
-            conn[k * out_pg : (k + 1) * out_pg, k * in_pg : (k + 1) * in_pg] = w[
-                k * out_pg : (k + 1) * out_pg
-            ]
-        node.meta["export_conn"] = conn
-        return conn
+    def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
+        cached = node.meta.get("export_local")
+        if cached is None:
+            m = a.module(node)
+            cached = (m.weight.detach().abs().flatten(2).sum(-1).cpu() != 0, m.groups)
+            node.meta["export_local"] = cached
+        return cached
 
     def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
         m = a.module(node)
@@ -153,7 +150,9 @@ class ConvRule(_Dense):
             return b.set(node, b.graph.call_module(name, (x_new,)), rows)
         return self._build_grouped(a, b, node, m, rows)
 
-    def _conv(self, m: nn.Module, weight: torch.Tensor, rows: torch.Tensor, groups: int) -> nn.Module:
+    def _conv(
+        self, m: nn.Module, weight: torch.Tensor, rows: torch.Tensor, groups: int
+    ) -> nn.Module:
         new = shallow_clone(m)
         new.weight = nn.Parameter(weight)
         if m.bias is not None:
@@ -169,32 +168,38 @@ class ConvRule(_Dense):
         g = m.groups
         out_pg, in_pg = m.out_channels // g, m.in_channels // g
         x = node.args[0]
-        conn = self._connectivity(a, node)
-        nz_in = a.nz[x]  # type: ignore[index]
-        groups: dict[int, list[int]] = {}
-        for o in rows.tolist():
-            groups.setdefault(max(o, 0) // out_pg, []).append(o)
-        outs, ins = [], []
-        for k, members in sorted(groups.items()):
-            real = [o for o in members if o >= 0]
-            reach = conn[real].any(0) if real else torch.zeros(m.in_channels, dtype=torch.bool)
-            cols = [c for c in range(k * in_pg, (k + 1) * in_pg) if reach[c] and nz_in[c]]
-            outs.append(members)
-            ins.append(cols)
-        m_out = max(len(o) for o in outs)
-        m_in = max(1, max(len(c) for c in ins))
-        out_idx, in_idx, local = [], [], []
-        for k, (members, cols) in zip(sorted(groups), zip(outs, ins)):
-            out_idx += members + [-1] * (m_out - len(members))
-            padded = cols + [-1] * (m_in - len(cols))
-            in_idx += padded
-            local.append([c - k * in_pg if c >= 0 else -1 for c in padded])
-        out_t, in_t = torch.tensor(out_idx), torch.tensor(in_idx)
+        local, _ = self._local(a, node)
+        nz_local = a.nz[x].view(g, in_pg)  # type: ignore[index]
+        real = rows[rows >= 0]
+        if not len(real):  # a placeholder channel: one group with one zero filter
+            groups = torch.zeros(1, dtype=torch.long)
+            out_pad = torch.full((1, 1), -1)
+            col_local = torch.full((1, 1), -1)
+        else:
+            groups, inverse, counts = torch.unique(
+                real // out_pg, return_inverse=True, return_counts=True
+            )
+            start = torch.cumsum(counts, 0) - counts
+            pos = torch.arange(len(real)) - start[inverse]
+            out_pad = torch.full((len(groups), int(counts.max())), -1)
+            out_pad[inverse, pos] = real
+            reach = torch.zeros(len(groups), in_pg)
+            reach.index_add_(0, inverse, local[real].float())
+            mask = (reach > 0) & nz_local[groups]
+            counts_in = mask.sum(1)
+            m_in = max(1, int(counts_in.max()))
+            order = torch.argsort((~mask).to(torch.int8), dim=1, stable=True)[:, :m_in]
+            valid = torch.arange(m_in).view(1, -1) < counts_in.view(-1, 1)
+            col_local = torch.where(valid, order, torch.full_like(order, -1))
+        m_out = out_pad.shape[1]
+        out_t = out_pad.flatten()
+        in_t = torch.where(col_local >= 0, col_local + groups.view(-1, 1) * in_pg, -1).flatten()
         weight = take(m.weight.detach(), out_t, 0)  # [G'*m_out, in_pg, ...]
-        col = torch.tensor(local).repeat_interleave(m_out, 0)  # [G'*m_out, m_in]
-        gather = col.clamp(min=0).view(*col.shape, *([1] * (weight.ndim - 2)))
-        weight = weight.gather(1, gather.expand(-1, -1, *weight.shape[2:]).to(weight.device))
-        keep = (col >= 0).view(*col.shape, *([1] * (weight.ndim - 2))).to(weight.device)
+        col = col_local.repeat_interleave(m_out, 0)  # [G'*m_out, m_in]
+        shape = (*col.shape, *([1] * (weight.ndim - 2)))
+        gather = col.clamp(min=0).view(shape).expand(-1, -1, *weight.shape[2:])
+        weight = weight.gather(1, gather.to(weight.device))
+        keep = (col >= 0).view(shape).to(weight.device)
         weight = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype))
         new = self._conv(m, weight.contiguous(), out_t, groups=len(groups))
         x_new = b.value(x, in_t)
@@ -224,11 +229,11 @@ class LinearRule(_Dense):
         x = node.args[0]
         return a.info[x].width if a.has_channels(x) else 1  # type: ignore[union-attr]
 
-    def _connectivity(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+    def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
         m = a.module(node)
         w = self._width(a, node)
         nzw = m.weight.detach().cpu() != 0
-        return nzw.view(m.out_features, -1, w).any(-1)
+        return nzw.view(m.out_features, -1, w).any(-1), 1
 
     def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
         m = a.module(node)
@@ -238,7 +243,7 @@ class LinearRule(_Dense):
         weight = take(m.weight.detach(), rows, 0)
         if cols is not None:
             w = self._width(a, node)
-            elem = (cols.clamp(min=0).repeat_interleave(w) * w + torch.arange(w).repeat(len(cols)))
+            elem = cols.clamp(min=0).repeat_interleave(w) * w + torch.arange(w).repeat(len(cols))
             elem = torch.where(cols.repeat_interleave(w) >= 0, elem, torch.full_like(elem, -1))
             weight = take(weight, elem, 1)
         new = shallow_clone(m)

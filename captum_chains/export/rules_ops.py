@@ -37,16 +37,27 @@ def _norm_dim(dim: int, ndim: int) -> int:
 
 # --------------------------------------------------------------------------- graph ends
 class PlaceholderRule(Rule):
-    """A model input: kept whole."""
+    """A model input: kept whole; image-like inputs ``[N, C, ...]`` have channels in dim 1
+    (so that a removed stem can pass the image on to layers that read only some of it)."""
 
     name = "input"
+
+    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+        shape = a.shape(node)
+        if shape is None or len(shape) < 3:
+            return None
+        return ChannelInfo(1, shape[1])
+
+    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+        return {}
 
     def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
         default = node.args[0] if node.args else inspect.Signature.empty
         kind = None if isinstance(node.type, str) else node.type  # postponed annotations
         new = b.graph.placeholder(str(node.target), type_expr=kind, default_value=default)
         new.meta = dict(node.meta)
-        return b.set(node, new, None)
+        info = a.info[node]
+        return b.set(node, new, None if info is None else torch.arange(info.size))
 
 
 class OutputRule(Rule):
@@ -224,7 +235,11 @@ class PerChannelRule(Rule):
             kwargs["inplace"] = False
         module = self.sliced_module(a, node, layout) if node.op == "call_module" else None
         target = node.target
-        if node.op == "call_method" and str(target).endswith("_") and not str(target).endswith("__"):
+        if (
+            node.op == "call_method"
+            and str(target).endswith("_")
+            and not str(target).endswith("__")
+        ):
             target = str(target)[:-1]
         new = b.emit(node, args, kwargs, module=module, target=target)
         return b.set(node, new, layout)
@@ -293,8 +308,10 @@ class ScaleRule(Rule):
         return a.nz[_first(node)] & (self._factor(a, node) != 0)
 
     def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        mask = out_needed if isinstance(out_needed, torch.Tensor) else torch.full(
-            (a.info[node].size,), bool(out_needed)
+        mask = (
+            out_needed
+            if isinstance(out_needed, torch.Tensor)
+            else torch.full((a.info[node].size,), bool(out_needed))
         )
         return {_first(node): mask & (self._factor(a, node) != 0)}
 
@@ -314,7 +331,9 @@ class ScaleRule(Rule):
             needed = a.nd[node]
             if isinstance(needed, torch.Tensor):  # unread channels may as well be zero
                 factor = factor * needed.to(factor.dtype)
-            if actual_p is not None and a.rule[producer].fold_scale(b, new_p, take(factor, actual_p, 0)):
+            if actual_p is not None and a.rule[producer].fold_scale(
+                b, new_p, take(factor, actual_p, 0)
+            ):
                 # the producer now outputs the scaled channels (exact zeros where removed);
                 # re-indexing operations between it and the site commute with the scale
                 return b.set(node, new_x, actual)
@@ -408,7 +427,11 @@ class BinaryRule(Rule):
 
     def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
         size = a.info[node].size
-        mask = out_needed if isinstance(out_needed, torch.Tensor) else torch.full((size,), bool(out_needed))
+        mask = (
+            out_needed
+            if isinstance(out_needed, torch.Tensor)
+            else torch.full((size,), bool(out_needed))
+        )
         need: dict[fx.Node, Any] = {}
         ops = self._operands(node)
         for i, op in enumerate(ops):
@@ -665,7 +688,11 @@ class CatRule(Rule):
     def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
         parts, _ = self._parts(node)
         size = a.info[node].size
-        mask = out_needed if isinstance(out_needed, torch.Tensor) else torch.full((size,), bool(out_needed))
+        mask = (
+            out_needed
+            if isinstance(out_needed, torch.Tensor)
+            else torch.full((size,), bool(out_needed))
+        )
         if not node.meta["export_cat"]:
             return {p: mask for p in parts}
         offs = self._offsets(a, parts)
@@ -762,7 +789,9 @@ def _register() -> None:
         nn.Threshold,
     )
     register_module_rule(act_modules, PerChannelRule("element-wise"))
-    register_module_rule(nn.PReLU, PerChannelRule("element-wise"), when=lambda m: m.weight.numel() == 1)
+    register_module_rule(
+        nn.PReLU, PerChannelRule("element-wise"), when=lambda m: m.weight.numel() == 1
+    )
     pools = (
         nn.MaxPool1d,
         nn.MaxPool2d,
@@ -786,7 +815,9 @@ def _register() -> None:
     try:
         from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
 
-        register_module_rule((AvgPool2dSame, MaxPool2dSame), PerChannelRule("pooling", spatial=True))
+        register_module_rule(
+            (AvgPool2dSame, MaxPool2dSame), PerChannelRule("pooling", spatial=True)
+        )
     except ImportError:  # pragma: no cover
         pass
     register_module_rule(nn.Flatten, FlattenModuleRule())

@@ -11,7 +11,6 @@ All are plain tensor code without Python control flow on values, so exported net
 run through TorchScript, ``torch.export`` and ONNX.
 """
 
-
 import torch
 from torch import nn
 
@@ -58,7 +57,9 @@ class ChannelAdapter(nn.Module):
         if self.pad > 0:
             shape = list(x.shape)
             shape[self.dim] = self.pad
-            x = torch.cat([x, torch.full(shape, self.fill, dtype=x.dtype, device=x.device)], self.dim)
+            x = torch.cat(
+                [x, torch.full(shape, self.fill, dtype=x.dtype, device=x.device)], self.dim
+            )
         return x.index_select(self.dim, self.index)
 
     def extra_repr(self) -> str:

@@ -31,6 +31,8 @@ export stays exact, with their heads kept at full width.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
@@ -102,14 +104,10 @@ class HeadCore(nn.Module):
         q, k, v = qkv.reshape(b, n, 3, h, d).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
         if self.fused or attn_mask is not None or is_causal:
-            default = self.scale == d**-0.5
+            # timm passes no scale; an explicit one only when the source's differs
+            extra: dict[str, Any] = {} if self.scale == d**-0.5 else {"scale": self.scale}
             z = F.scaled_dot_product_attention(
-                q,
-                k,
-                v,
-                attn_mask=attn_mask,
-                is_causal=is_causal,
-                **({} if default else {"scale": self.scale}),
+                q, k, v, attn_mask=attn_mask, is_causal=is_causal, **extra
             )
         else:
             att = (q * self.scale) @ k.transpose(-2, -1)
@@ -123,7 +121,7 @@ class HeadCore(nn.Module):
 class CanonicalAttention(nn.Module):
     """timm ``Attention`` as ``qkv -> HeadCore -> norm -> (gate) -> proj -> proj_drop``."""
 
-    def __init__(self, source: nn.Module) -> None:
+    def __init__(self, source: Any) -> None:
         super().__init__()
         self.qkv = source.qkv
         self.core = HeadCore(
@@ -193,7 +191,7 @@ def _timm_attention_type() -> type | None:
     return Attention
 
 
-def canonical_attention(module: nn.Module) -> nn.Module | None:
+def canonical_attention(module: Any) -> nn.Module | None:
     """The canonical form of a supported attention module, else ``None``.
 
     Used as an export canonicalizer: it runs on the export's private copy only.
@@ -242,12 +240,12 @@ class HeadCoreRule(Rule):
 
     @staticmethod
     def _width(a: Analysis, node: fx.Node) -> tuple[int, int]:
-        core = a.module(node)
-        return core.num_heads, core.head_dim
+        core: Any = a.module(node)
+        return int(core.num_heads), int(core.head_dim)
 
     def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
         h, d = self._width(a, node)
-        x = node.args[0]
+        x: Any = node.args[0]
         shape, out = a.shape(x), a.shape(node)
         if shape is None or out is None or len(out) != 3:
             raise Decline
@@ -293,7 +291,7 @@ class HeadCoreRule(Rule):
         x_new = b.value(x, required if a.has_channels(x) else None)
         if not a.has_channels(x):
             x_new = b.graph.call_method("index_select", (x_new, -1, _long_attr(b, required)))
-        core = shallow_clone(a.module(node))
+        core: Any = shallow_clone(a.module(node))
         core.num_heads = len(heads)
         rest = fx.node.map_arg(tuple(node.args[1:]), lambda n: b.value(n, None))
         kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: b.value(n, None))

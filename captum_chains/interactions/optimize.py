@@ -200,7 +200,7 @@ def _solve_adam(problem: Problem, config: SolverConfig, progress: bool) -> Solut
     noise = torch.zeros_like(v)
     params = [x.requires_grad_(), noise.requires_grad_()]
     hat = None
-    p = None
+    p = torch.zeros_like(q)  # bound on |γ̂| (Eq. 6 only)
     if problem.shared:
         assert problem.gamma_bound is not None
         p = (problem.gamma_bound.to(v.device)[None, :] / scale[:, None]).to(dt).unsqueeze(-1)

@@ -98,7 +98,7 @@ def solve_pdhg(problem: Problem, config: SolverConfig, progress: bool = True) ->
     batch, m, size = v.shape
     n = size.bit_length() - 1
     shared = problem.shared
-    p = None
+    p = torch.zeros_like(q)  # bound on |γ̂| (Eq. 6 only)
     if shared:
         assert problem.gamma_bound is not None
         p = (problem.gamma_bound.to(v.device)[None, :] / scale[:, None]).to(dt).unsqueeze(-1)

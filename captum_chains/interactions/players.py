@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -253,7 +254,7 @@ def resolve_baselines(
                 f"baselines has {len(specs)} entries but inputs has {len(inputs)} tensors"
             )
     else:
-        specs = [baselines] * len(inputs)
+        specs = [cast(BaselineSpec, baselines)] * len(inputs)
     out = []
     for k, (x, spec) in enumerate(zip(inputs, specs, strict=True)):
         dims = tuple(range(1, x.dim()))

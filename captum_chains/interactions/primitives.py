@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, cast
 
 import torch
 from captum.attr import PerturbationAttribution
@@ -73,7 +73,7 @@ class InteractionPrimitives(PerturbationAttribution):
             if not callable(f):
                 raise TypeError(f"forward_func[{k}] is not callable ({type(f).__name__})")
         super().__init__(forward_func)
-        self.forward_funcs: tuple[Callable[..., torch.Tensor], ...] = tuple(funcs)
+        self.forward_funcs = cast(tuple[Callable[..., torch.Tensor], ...], tuple(funcs))
         self.value_fn = resolve_value(value)
         if model_names is None:
             names = [type(f).__name__ for f in funcs]

@@ -544,6 +544,38 @@ def _channel_unit(model: nn.Module, trace: Trace, producer: ModuleCall) -> UnitL
     )
 
 
+def _head_unit(att: _Attention) -> UnitLayer:
+    """One score per head, on that head's channels of the output projection's input."""
+    assert att.hook is not None
+    return UnitLayer(
+        name=att.name,
+        kind="head",
+        size=att.num_heads,
+        site=att.site,
+        hook=att.hook,  # type: ignore[arg-type]  # "mha" is a SITE_HOOKS name
+        channel_dim=-1,
+        unit_width=att.head_dim,
+        module_type=type(att.module).__name__,
+        spatial=att.spatial,
+    )
+
+
+def _neuron_unit(model: nn.Module, first: str, last: str, last_call: ModuleCall) -> UnitLayer:
+    """One score per hidden neuron, at the input of the MLP's last linear layer."""
+    fc2 = model.get_submodule(last)
+    assert isinstance(fc2, nn.Linear) and last_call.input_shape is not None
+    return UnitLayer(
+        name=first,
+        kind="neuron",
+        size=fc2.in_features,
+        site=last,
+        hook="input",
+        channel_dim=-1,
+        module_type=type(model.get_submodule(first)).__name__,
+        spatial=tuple(last_call.input_shape[1:-1]),
+    )
+
+
 def _is_vit_shell(model: nn.Module) -> bool:
     """Whether the model has a ViT-style patch embedding (to explain a missing encoder)."""
     return any(_patch_geometry(m)[1] is not None for m in model.modules())
@@ -588,51 +620,24 @@ def vit_adapter(model: nn.Module, trace: Trace) -> AdapterResult | None:
         block = _block_of(model, trace, att.name)
         if block is not None:
             by_block[block].append(att)
-    last = max(trace.calls[b][0].end for b in blocks)
+    last_end = max(trace.calls[b][0].end for b in blocks)
     for name, module in model.named_modules():
         c = trace.single_call(name)
-        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and c and c.start > last:
+        if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and c and c.start > last_end:
             claimed.add(name)  # the classifier head (e.g. attention pooling) is not scored
     for block, atts in by_block.items():
         members: list[tuple[str, ModuleCall, str]] = []
         for att in atts:
-            if att.hook is None:
-                unscorable.append(att.name)
-                call = trace.single_call(att.name)
-                assert call is not None
-                members.append((att.name, call, ""))
-                continue
-            units.append(
-                UnitLayer(
-                    name=att.name,
-                    kind="head",
-                    size=att.num_heads,
-                    site=att.site,
-                    hook=att.hook,  # type: ignore[arg-type]
-                    channel_dim=-1,
-                    unit_width=att.head_dim,
-                    module_type=type(att.module).__name__,
-                    spatial=att.spatial,
-                )
-            )
             call = trace.single_call(att.name)
             assert call is not None
+            if att.hook is None:
+                unscorable.append(att.name)
+                members.append((att.name, call, ""))
+                continue
+            units.append(_head_unit(att))
             members.append((att.name, call, att.name))
-        for container, first, last, last_call in _mlps(model, trace, block, [a.name for a in atts]):
-            fc2 = model.get_submodule(last)
-            assert isinstance(fc2, nn.Linear) and last_call.input_shape is not None
-            units.append(
-                UnitLayer(
-                    name=first,
-                    kind="neuron",
-                    size=fc2.in_features,
-                    site=last,
-                    hook="input",
-                    channel_dim=-1,
-                    module_type=type(model.get_submodule(first)).__name__,
-                    spatial=tuple(last_call.input_shape[1:-1]),
-                )
-            )
+        for container, first, fc2, fc2_call in _mlps(model, trace, block, [a.name for a in atts]):
+            units.append(_neuron_unit(model, first, fc2, fc2_call))
             call = trace.single_call(container)
             if call is not None:
                 members.append((container, call, first))
