@@ -59,7 +59,7 @@ def activation_masks(model, structure, inputs, keep):
         t = _site_values(model, unit, lambda sub=sub: sub(inputs))
         dim = unit.channel_dim % t.ndim
         spread = t.movedim(dim, 0).reshape(t.shape[dim], -1).std(1)
-        k = max(1, int(round(keep * unit.size)))
+        k = max(1, round(keep * unit.size))
         top = spread.topk(k).indices
         scores = torch.zeros(unit.size)
         scores[top] = (spread[top] / spread.max()).clamp(min=0.05)
@@ -139,7 +139,7 @@ def main() -> None:
         importance = activation_masks(model, structure, region, args.keep)
         closed = weakest_blocks(model, structure, region, args.close)
         sub = subnetwork_from_mappings(model, structure, importance, {g: False for g in closed})
-        how = f"top {args.keep:.0%} filters by activation, {len(closed)} blocks removed"
+        how = f"greedy masks, top {args.keep:.0%} filters, {len(closed)} blocks removed"
 
     start = time.perf_counter()
     exported = export_subnetwork(sub, example_inputs=region[:2], check_inputs=region)

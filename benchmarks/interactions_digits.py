@@ -22,6 +22,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -123,6 +124,46 @@ def main() -> None:
         f"{report['evaluation_s_per_sample']:.2f} s/sample"
     )
     (out / "report.json").write_text(json.dumps(report, indent=2))
+    with open(out / "summary.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(
+            [
+                "method",
+                "top_k",
+                "s_and_mean",
+                "s_and_std",
+                "s_or_mean",
+                "s_or_std",
+                "sparsity",
+                "rel_reconstruction_error_max",
+                "matching_error_max",
+                "optimization_s_per_sample",
+                "evaluation_s_per_sample",
+                "n",
+                "samples",
+            ]
+        )
+        for method, res in results.items():
+            for frac in (0.05, 0.10, 0.20):
+                s_and = res.generalization("and", top_k=frac)
+                s_or = res.generalization("or", top_k=frac)
+                writer.writerow(
+                    [
+                        method,
+                        frac,
+                        float(s_and.mean()),
+                        float(s_and.std()),
+                        float(s_or.mean()),
+                        float(s_or.std()),
+                        report[f"{method}_sparsity"],
+                        report[f"{method}_relative_reconstruction_error_max"],
+                        report[f"{method}_matching_error_max"],
+                        report[f"{method}_optimization_s_per_sample"],
+                        report["evaluation_s_per_sample"],
+                        n,
+                        len(idx),
+                    ]
+                )
 
     shared = results["shared"]
     for method, res in results.items():

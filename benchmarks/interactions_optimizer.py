@@ -23,6 +23,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from pathlib import Path
@@ -72,7 +73,7 @@ def main() -> None:
     parser.add_argument("--objectives", default="single,shared")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="out/interactions_optimizer")
-    parser.add_argument("--skip-sgd", action="store_true")
+    parser.add_argument("--sgd-lrs", default="1e-7,1e-6,1e-5", help="'' to skip SGD")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     specs = [(a, int(s)) for a, s in (m.split(":") for m in args.models.split(","))]
@@ -81,8 +82,8 @@ def main() -> None:
     values = _values(models, args.grid, args.samples, out / f"values_{args.grid}.pt")
     n = values.shape[-1].bit_length() - 1
     runs = [("lp", SolverConfig("lp"))]
-    if not args.skip_sgd:
-        runs += [(f"sgd lr={lr:g}", SolverConfig("sgd", lr=lr)) for lr in (1e-7, 1e-6, 1e-5)]
+    for lr in (float(s) for s in args.sgd_lrs.split(",") if s):
+        runs.append((f"sgd lr={lr:g}", SolverConfig("sgd", lr=lr)))
     runs += [
         ("adam 3000", SolverConfig("adam", iterations=3000)),
         ("pdhg 3000", SolverConfig("pdhg", iterations=3000, tol=0.0)),
@@ -121,6 +122,12 @@ def main() -> None:
                 flush=True,
             )
     (out / f"report_{args.grid}.json").write_text(json.dumps(report, indent=2))
+    with open(out / f"report_{args.grid}.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        keys = ["loss", "gap_mean_pct", "gap_max_pct", "cpu_s_per_problem", "wall_s_per_problem"]
+        writer.writerow(["objective", "optimiser", *keys])
+        for name, row in report.items():
+            writer.writerow([*name.split("/", 1), *(row[k] for k in keys)])
 
 
 if __name__ == "__main__":

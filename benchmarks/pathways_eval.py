@@ -31,6 +31,7 @@ depend on it).
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import time
 from collections.abc import Callable
@@ -83,6 +84,16 @@ def _gradcam(layer: str) -> Explain:
     return explain
 
 
+def _gradcam_for_sensitivity(model: nn.Module, layer: str) -> Callable[..., Tensor]:
+    """GradCAM as an ``explanation_func`` for ``sensitivity_max``, shaped like the inputs."""
+
+    def explain(inputs: Tensor | tuple[Tensor, ...], target: Tensor) -> Tensor:
+        x = inputs[0] if isinstance(inputs, tuple) else inputs
+        return _gradcam(layer)(model, x, target).expand_as(x)
+
+    return explain
+
+
 def methods(setup: Setup, percentile: float) -> dict[str, tuple[Explain, Callable, dict]]:
     """name -> (explain(model, x, target), attribute-function factory, extra kwargs)."""
 
@@ -115,7 +126,7 @@ def methods(setup: Setup, percentile: float) -> dict[str, tuple[Explain, Callabl
         "GuidedBackprop": (captum(GuidedBackprop), lambda m: GuidedBackprop(m).attribute, {}),
         "GradCAM": (
             _gradcam(setup.gradcam_layer),
-            lambda m: lambda inputs, target: _gradcam(setup.gradcam_layer)(m, inputs, target),
+            lambda m: _gradcam_for_sensitivity(m, setup.gradcam_layer),
             {},
         ),
     }
@@ -237,12 +248,15 @@ def perturbation_and_metrics(
     skip_sensitivity: set[str],
     out: dict,
     save: Callable[[], None],
+    keep: dict | None = None,
 ) -> None:
     for name, (explain, attribute_factory, kwargs) in table.items():
         start = time.time()
         attr = explain(setup.model, setup.inputs, setup.target)
         attr_seconds = time.time() - start
         curves = perturbation_curves(setup.model, setup.inputs, attr, target=setup.target)
+        if keep is not None:
+            keep[name] = (attr.detach(), curves)
         row = {**curves.summary(), "attr_seconds_per_input": attr_seconds / len(setup.inputs)}
         if attribute_factory is not None:
             skipped = name in skip_sensitivity
@@ -353,6 +367,74 @@ def print_tables(setup: Setup, stats: list[dict], sane: dict, pert: dict) -> Non
         )
 
 
+def write_csvs(prefix: str, out: dict) -> None:
+    """One CSV per section: ``<prefix>_stats.csv``, ``_sanity.csv``, ``_perturbation.csv``."""
+    for section in ("stats", "sanity", "perturbation"):
+        data = out.get(section)
+        if not data:
+            continue
+        rows = data if isinstance(data, list) else [{"method": k, **v} for k, v in data.items()]
+        rows = [
+            {k: (json.dumps(v) if isinstance(v, list | dict) else v) for k, v in r.items()}
+            for r in rows
+        ]
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        with open(f"{prefix}_{section}.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields)
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def save_figures(prefix: str, setup: Setup, kept: dict, show: int = 4) -> None:
+    """Maps side by side (``<prefix>_maps.png``) and LeRF/MoRF curves (``_curves.png``)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from captum_chains.pathways import max_magnitude_channel
+
+    names = list(kept)
+    rows = min(show, len(setup.inputs))
+    fig, axes = plt.subplots(
+        rows, len(names) + 1, figsize=(1.9 * (len(names) + 1), 1.9 * rows), squeeze=False
+    )
+    x = setup.inputs[:rows]
+    if x.shape[1] == 3:
+        from captum_chains.data import denormalize
+
+        pics = denormalize(x).clamp(0, 1).permute(0, 2, 3, 1).numpy()
+    else:
+        pics = x[:, 0].numpy()
+    for i in range(rows):
+        axes[i, 0].imshow(pics[i], cmap=None if pics.ndim == 4 else "gray")
+        axes[i, 0].set_title(setup.labels[i][:14], fontsize=7)
+        for j, name in enumerate(names, start=1):
+            a = kept[name][0][i : i + 1]
+            if a.shape[1] > 1:
+                a = max_magnitude_channel(a)
+            a = a[0, 0].numpy()
+            lim = float(np.abs(a).max()) or 1.0
+            axes[i, j].imshow(a, cmap="bwr", vmin=-lim, vmax=lim)
+            if i == 0:
+                axes[i, j].set_title(name.replace("PathwayGrad ", "PG "), fontsize=7)
+    for ax in axes.flat:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(f"{prefix}_maps.png", dpi=110)
+    plt.close(fig)
+    fig, (ax_l, ax_m) = plt.subplots(1, 2, figsize=(10, 3.4))
+    for name, (_, curves) in kept.items():
+        ax_l.plot(curves.fractions, curves.prob_ratio("lerf").mean(1), label=name)
+        ax_m.plot(curves.fractions, curves.prob_ratio("morf").mean(1), label=name)
+    ax_l.set(title=f"LeRF ({setup.name})", xlabel="fraction removed", ylabel="prob ratio")
+    ax_m.set(title=f"MoRF ({setup.name})", xlabel="fraction removed")
+    ax_m.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(f"{prefix}_curves.png", dpi=110)
+    plt.close(fig)
+
+
 SECTIONS = ("stats", "sanity", "perturbation", "overlap")
 
 
@@ -381,6 +463,10 @@ def main() -> None:
         help="region size for the (slow) NeuroChains overlap on EfficientNet; 0 skips it",
     )
     parser.add_argument("--json", help="write all numbers to this JSON file (after every step)")
+    parser.add_argument(
+        "--prefix",
+        help="write <prefix>_<model>_{stats,sanity,perturbation}.csv, _maps.png and _curves.png",
+    )
     args = parser.parse_args()
     sections = set(args.sections.split(","))
     unknown = sections - set(SECTIONS)
@@ -418,9 +504,14 @@ def main() -> None:
             sanity(setup, table, out["sanity"], save)
         if "perturbation" in sections:
             skip_sens = {"PathwayGrad (NeuronIntGrad)"} if is_effnet else set()
+            kept: dict = {}
             perturbation_and_metrics(
-                setup, table, args.n_perturb, skip_sens, out["perturbation"], save
+                setup, table, args.n_perturb, skip_sens, out["perturbation"], save, kept
             )
+            if args.prefix:
+                save_figures(f"{args.prefix}_{key}", setup, kept)
+        if args.prefix:
+            write_csvs(f"{args.prefix}_{key}", out)
         print_tables(setup, out["stats"], out["sanity"], out["perturbation"])
         region = None
         if "overlap" in sections and key == "digits":

@@ -6,8 +6,9 @@ forward plus an activation-only backward (parameters frozen, gradient w.r.t. the
 input), at ``--batch`` images of 224x224. Optionally checks the export of a random
 sub-network against the SubNetwork.
 
+    OMP_NUM_THREADS=1 python benchmarks/vit_speed.py --batch 20 --repeats 2
     OMP_NUM_THREADS=1 python benchmarks/vit_speed.py --batch 2 --repeats 3 --export
-    python benchmarks/vit_speed.py --model torchvision   # torchvision vit_b_16
+    python benchmarks/vit_speed.py --model torchvision   # torchvision vit_b_16 (the "mha" hook)
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def step_times(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["timm", "torchvision"], default="timm")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--export", action="store_true")
     args = parser.parse_args()
 
@@ -83,11 +84,14 @@ def main() -> None:
     print(f"  first head layer: {head}")
     print(f"  token layout: {token_layout(model, x[:1])}")
 
-    floor = statistics.median(floor_times(model, x, args.repeats))
-    step = statistics.median(step_times(model, x, args.repeats))
+    floors = floor_times(model, x, args.repeats)
+    steps = step_times(model, x, args.repeats)
+    floor, step = statistics.median(floors), statistics.median(steps)
+    print(f"floor per repeat (s): {[round(t, 2) for t in floors]}")
+    print(f"step per repeat (s): {[round(t, 2) for t in steps]}")
     print(
         f"batch {args.batch}x224^2: floor {floor:.2f} s, NeuroChains step {step:.2f} s, "
-        f"ratio {step / floor:.2f}x"
+        f"ratio {step / floor:.2f}x (medians; first floor pass and first step not counted)"
     )
     if args.export:
         from captum_chains.export.vit import export_vit

@@ -4,6 +4,10 @@ Public API
 ----------
 ChainExtractor, ChainConfig, Chain, SubNetwork
     NeuroChains (Wang, Zhou and Bilmes, TMLR 2022).
+export_subnetwork, verify, ExportReport
+    A standalone, physically smaller copy of a SubNetwork (``SubNetwork.export()``).
+chain_graph, strongest_paths
+    Filter -> filter chains as a networkx graph (``Chain.graph()``, ``Chain.paths(k)``).
 CriticalPathways, PathwayGradient
     Critical pathways and the pathway gradient (Khakzar et al., CVPR 2021).
 InteractionPrimitives, InteractionResult
@@ -14,7 +18,9 @@ Subpackages: ``metrics`` (fidelity, faithfulness, stability, quotient, robustnes
 sub-networks), ``chains`` (filter -> filter graphs), ``data``/``pretrained``/``zoo``.
 """
 
+from captum_chains.chains import chain_graph, strongest_paths
 from captum_chains.config import FAMILY_PENALTIES, ChainConfig
+from captum_chains.export import ExportReport, export_subnetwork, verify
 from captum_chains.interactions import InteractionPrimitives, InteractionResult
 from captum_chains.neurochains import ChainExtractor
 from captum_chains.pathways import CriticalPathways, PathwayGradient
@@ -30,6 +36,7 @@ __all__ = [
     "ChainConfig",
     "ChainExtractor",
     "CriticalPathways",
+    "ExportReport",
     "GateSpec",
     "InteractionPrimitives",
     "InteractionResult",
@@ -38,5 +45,9 @@ __all__ = [
     "SubNetwork",
     "UnitLayer",
     "__version__",
+    "chain_graph",
     "discover",
+    "export_subnetwork",
+    "strongest_paths",
+    "verify",
 ]

@@ -50,6 +50,7 @@ from torch import fx
 from captum_chains._utils.validation import format_inputs
 from captum_chains.export import rules_layers as _rules_layers  # noqa: F401  (registers rules)
 from captum_chains.export.analysis import Analysis
+from captum_chains.export.api import load_extensions
 from captum_chains.export.build import shallow_clone
 from captum_chains.export.rules_layers import ChannelNormRule, ConvRule, LinearRule
 from captum_chains.export.rules_ops import SPECIAL, BinaryRule, CatRule, PerChannelRule, ScaleRule
@@ -179,6 +180,7 @@ class _Flows:
         structure = sub.structure
         device = next((p.device for p in sub.model.parameters()), torch.device("cpu"))
         inputs = tuple(t.to(device) for t in inputs)
+        load_extensions()
         work = working_copy(sub.model)
         gm, tracer = trace(work)
         scores = {
@@ -333,7 +335,8 @@ class _Flows:
     def _head_flows(
         self, classes: list[int]
     ) -> list[tuple[frozenset[str], torch.Tensor, torch.Tensor, int]]:
-        """Per head: upstream units, live channels, ``D[c, t]`` (mean |change of logit t|), width."""
+        """Per head: upstream units, live channels, ``D[c, t]`` (mean |change of logit
+        t|) and the number of channels."""
         out = []
         for head, tail in self.tails.items():
             x_node = head.args[0]
@@ -411,7 +414,7 @@ def _channel_mean_abs(t: torch.Tensor, dim: int) -> torch.Tensor:
 def _conv_flows(
     module: Any, x: torch.Tensor, kept: torch.Tensor, live: torch.Tensor
 ) -> torch.Tensor:
-    """``F[j, c] = mean |W_{j,c} * X_c|`` for a (grouped) convolution, one input channel at a time."""
+    """``F[j, c] = mean |W_{j,c} * X_c|`` of a (grouped) convolution, input by input."""
     g = module.groups
     in_pg, out_pg = module.in_channels // g, module.out_channels // g
     flow = torch.zeros(len(kept), len(live))
@@ -469,7 +472,7 @@ def strongest_path_list(graph: Any, k: int = 5) -> list[tuple[list[str], float]]
     found = _k_best(graph, set(inputs), sinks, k) if inputs else []
     if not found:  # no kept chain starts at the input: start anywhere
         found = _k_best(graph, set(roots), sinks, k)
-    out = []
+    out: list[tuple[list[str], float]] = []
     for strength, link in found:
         path = []
         while link is not None:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from captum_chains._utils.model_state import frozen_eval
+from captum_chains.units.adapters import SITE_HOOKS
 from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
 
 
@@ -174,8 +175,15 @@ def apply_masks(
                 module = modules[name]
                 if hook == "output":
                     handles.append(module.register_forward_hook(_output_hook(handler)))
-                else:
+                elif hook == "input":
                     handles.append(module.register_forward_pre_hook(_input_hook(handler)))
+                elif hook in SITE_HOOKS:  # e.g. heads inside nn.MultiheadAttention
+                    handles.append(SITE_HOOKS[hook](module, handler.transform))
+                else:
+                    raise ValueError(
+                        f"unit site {name!r} uses the hook {hook!r}, which no adapter "
+                        f"registered in captum_chains.units.adapters.SITE_HOOKS"
+                    )
             yield model
         finally:
             for h in handles:

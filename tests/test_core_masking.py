@@ -201,3 +201,34 @@ def test_saved_file_loads_with_plain_safetensors_and_holds_no_code(tmp_path):
     sub.save(tmp_path / "c.safetensors")
     tensors = load_file(tmp_path / "c.safetensors")
     assert set(tensors) == {"scores", "gates_open"}
+
+
+def test_site_hooks_receive_the_unit_transform_and_unknown_hooks_are_refused(monkeypatch):
+    import dataclasses
+
+    from captum_chains.units import adapters
+
+    model, x = make_model("plain", 4, 0), make_inputs(seed=0)
+    structure = _structure(model, x)
+    unit = structure.units[0]
+    calls = []
+
+    def register(module, transform):
+        calls.append(module)
+        return module.register_forward_hook(lambda m, a, out: transform(out))
+
+    custom = dataclasses.replace(structure, units=(dataclasses.replace(unit, hook="custom"),))
+    scores = torch.rand(unit.size)
+    state = MaskState(scores={unit.name: scores})
+    with apply_masks(model, dataclasses.replace(structure, units=(unit,)), state):
+        expected = model(x)
+    monkeypatch.setitem(adapters.SITE_HOOKS, "custom", register)
+    with apply_masks(model, custom, state):
+        got = model(x)
+    assert torch.equal(got, expected)
+    assert calls == [model.get_submodule(unit.site)]
+    assert not model.get_submodule(unit.site)._forward_hooks  # removed on exit
+    monkeypatch.delitem(adapters.SITE_HOOKS, "custom")
+    with pytest.raises(ValueError, match="custom"):
+        with apply_masks(model, custom, state):
+            pass

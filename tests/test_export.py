@@ -192,7 +192,7 @@ def _dependent_parameters(model: nn.Module, sub: SubNetwork, x: torch.Tensor) ->
     gradient.
     """
     leaky = copy.deepcopy(model)
-    for name, module in list(leaky.named_modules()):
+    for module in list(leaky.modules()):
         for child_name, child in module.named_children():
             if type(child) in (nn.ReLU, nn.ReLU6):
                 setattr(module, child_name, nn.LeakyReLU(0.1))

@@ -13,7 +13,7 @@ from captum_chains.interactions import transforms as tr
 def assert_close(a: torch.Tensor, b: torch.Tensor, rtol: float = 0.0, atol: float = 0.0) -> None:
     """Elementwise |a - b| <= atol + rtol |b| (cheaper to import than torch.testing)."""
     assert a.shape == b.shape, (a.shape, b.shape)
-    err = (a - b).abs() - (atol + rtol * b.abs())
+    err = ((a - b).abs() - (atol + rtol * b.abs())).detach()
     assert float(err.max()) <= 0.0, f"max excess {float(err.max()):.3g}"
 
 

@@ -305,20 +305,29 @@ def test_plot_study_draws_and_saves_every_figure(tmp_path):
 
 @pytest.mark.ray
 def test_ray_backend_gives_the_serial_rows(tmp_path):
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     model = tiny_model(9)
     pool = data(3, 8)
     serial = run_study(model, tiny_regions(), tmp_path / "serial", pool=pool, **KW)
     snap = ModelSnapshot.take(model)
-    parallel = run_study(
-        model,
-        tiny_regions(),
-        tmp_path / "ray",
-        pool=pool,
-        backend="ray",
-        num_workers=2,
-        **KW,
-    )
+    try:
+        parallel = run_study(
+            model,
+            tiny_regions(),
+            tmp_path / "ray",
+            pool=pool,
+            backend="ray",
+            num_workers=2,
+            **KW,
+        )
+    except Exception as err:
+        # a local Ray node can fail to start in time on an overloaded machine
+        if "timed out during startup" not in str(err):
+            raise
+        pytest.skip(f"the local Ray node did not start: {err}")
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
     snap.assert_unchanged(model)
     assert_same_tables(serial, parallel, rtol=1e-5)
     workers = set(parallel.regions["worker"])

@@ -96,11 +96,19 @@ for item in res.top("or", sample=0, model=0, k=5):
 
 # %%
 values = ip.compute_values(x, baselines="min", target=y, feature_mask=mask, progress=False)
-alone = ip.extract(values, method="single", player_names=names, top_k=0.1,
-                   solver=SolverConfig(iterations=4000), progress=False)
+alone = ip.extract(
+    values,
+    method="single",
+    player_names=names,
+    top_k=0.1,
+    solver=SolverConfig(iterations=4000),
+    progress=False,
+)
 print(f"shared method: s_and = {res.s_and:.2f}, s_or = {res.s_or:.2f}")
 print(f"single-model method: s_and = {alone.s_and:.2f}, s_or = {alone.s_or:.2f}")
-print("shared AND interactions of digit 0:", [str(i) for i in res.shared_interactions("and")])
+print("strongest shared AND interactions of digit 0:")
+for item in res.shared_interactions("and", sample=0)[:5]:
+    print(" ", item)
 
 # %% [markdown]
 # ## Figures
@@ -112,4 +120,4 @@ print("shared AND interactions of digit 0:", [str(i) for i in res.shared_interac
 fig1 = plot_strength_by_order(res, model=0)
 fig2 = plot_top_interactions(res, x[0], mask, sample=0, model=0, kind="and", k=6)
 fig3 = plot_shared_vs_distinctive(res, sample=0, kind="and")
-fig1
+fig1  # noqa: B018 (displayed by the notebook)

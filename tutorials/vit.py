@@ -25,7 +25,6 @@
 import torch
 
 from captum_chains import ChainExtractor, SubNetwork
-from captum_chains.export.vit import export_vit
 from captum_chains.units import discover, token_layout
 from captum_chains.zoo import load_digits_data, train_digits_model
 
@@ -63,7 +62,7 @@ print(token_layout(vit, x))
 threes = data.x_test[data.y_test == 3][:10]
 eights = data.x_test[data.y_test == 8][:10]
 region = torch.cat([threes, eights])
-extractor = ChainExtractor(vit, l1=0.0065, gate_penalty=0.05)
+extractor = ChainExtractor(vit, l1=0.002, gate_penalty=0.0)
 chain = extractor.attribute(region, progress=False, seed=0)
 print(chain.summary())
 
@@ -86,18 +85,18 @@ print(f"mean drop of the predicted-class probability {float(drop):.3f}, KL {chai
 # %% [markdown]
 # ## A physically smaller model
 #
-# The export drops removed heads (rows of `qkv`, columns of `proj`) and MLP neurons (rows
-# of `fc1`, columns of `fc2`), folds the scores into the weights and replaces removed
-# branches by zeros. It computes the same function as the SubNetwork.
+# The export drops removed heads (their rows of `qkv`, columns of `proj`, and the head
+# itself) and MLP neurons (rows of `fc1`, columns of `fc2`), folds the scores into the
+# weights and skips removed branches. It is checked against the SubNetwork.
 
 # %%
-small = export_vit(chain.subnetwork)
-print(small.blocks[0].attn)
-before = sum(p.numel() for p in vit.parameters())
-after = sum(p.numel() for p in small.parameters())
-with torch.no_grad():
-    gap = float((small(region) - chain.subnetwork(region)).abs().max())
-print(f"parameters {before} -> {after}; max |export - SubNetwork| = {gap:.1e}")
+small = chain.subnetwork.export(check_inputs=region)
+print(small.report)
+removed = set(chain.subnetwork.removed_gates)
+for i in range(4):
+    attn = f"blocks.{i}.attn"
+    heads = 0 if attn in removed else small.get_submodule(f"{attn}.core").num_heads
+    print(f"block {i}: {heads} heads in the export")
 
 # %% [markdown]
 # SubNetworks save to safetensors and load back onto the same architecture.

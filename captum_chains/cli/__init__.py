@@ -20,8 +20,9 @@ Commands
 A chain folder holds ``model.json`` (how to rebuild the model: its name, weights file,
 a hash of its weights and the input preprocessing), ``subnetwork.safetensors``
 (:meth:`SubNetwork.save`), ``importance.json`` (scores per layer, soft gate values),
-``summary.json`` and ``summary.txt``, ``layer_scores.png``, ``history.csv`` (one row per
-optimization step) and ``region.safetensors`` (the preprocessed inputs).
+``summary.json`` and ``summary.txt``, ``layer_scores.png`` and ``architecture.png``,
+``history.csv`` (one row per optimization step), ``fidelity.csv`` (per input) and
+``region.safetensors`` (the preprocessed inputs).
 
 Models are never downloaded. ``efficientnet_lite0`` loads the offline ImageNet weights
 (:func:`captum_chains.pretrained.load_efficientnet_lite0`); ``digits_vgg``,

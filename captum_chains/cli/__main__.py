@@ -4,4 +4,5 @@ import sys
 
 from captum_chains.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # importing this module (e.g. for API docs) runs nothing
+    sys.exit(main())

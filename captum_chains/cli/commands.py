@@ -231,8 +231,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
     out = Path(args.out) if args.out else loaded.folder / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps({"inputs": where, **numbers}, indent=2))
-    if frame is not None:
-        frame.to_csv(out / "fidelity.csv", index=False)
+    frame.to_csv(out / "fidelity.csv", index=False)
     print(f"fidelity on {where}:")
     for key, value in numbers.items():
         print(f"  {key:<12} {value:.4f}")

@@ -102,17 +102,9 @@ def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
 
 
 def fidelity_summary(subnetwork: SubNetwork, inputs: torch.Tensor, batch_size: int) -> Any:
-    """Per-input fidelity (:func:`captum_chains.metrics.fidelity`) and its averages."""
-    try:
-        from captum_chains.metrics import fidelity
-    except ImportError:  # pragma: no cover - the metrics package ships with the library
-        from types import SimpleNamespace
+    """Averages and per-input table of :func:`captum_chains.metrics.fidelity`."""
+    from captum_chains.metrics import fidelity
 
-        from captum_chains.demo import fidelity_numbers
-
-        numbers = fidelity_numbers(subnetwork.model, SimpleNamespace(subnetwork=subnetwork), inputs)
-        summary = {"mean_drop": numbers["probability_drop"], **numbers}
-        return summary, None
     result = fidelity(subnetwork, inputs, batch_size=batch_size)
     return result.summary(), result.to_frame()
 
@@ -135,6 +127,7 @@ def write_chain(
     from safetensors.torch import save_file
 
     from captum_chains.demo import plot_layer_scores
+    from captum_chains.visualization import plot_architecture, save_figure
 
     out.mkdir(parents=True, exist_ok=True)
     (out / "model.json").write_text(spec.to_json())
@@ -150,7 +143,7 @@ def write_chain(
         chain.summary() + "\n" + fidelity_line(summary["fidelity"]) + "\n"
     )
     chain.history_frame().to_csv(out / "history.csv", index=False)
-    if frame is not None:
-        frame.to_csv(out / "fidelity.csv", index=False)
+    frame.to_csv(out / "fidelity.csv", index=False)
     save_file({"inputs": inputs.detach().cpu().contiguous()}, str(out / "region.safetensors"))
     plot_layer_scores(chain, out / "layer_scores.png")
+    save_figure(plot_architecture(chain), out / "architecture.png")

@@ -222,7 +222,7 @@ def _load_weights(model: nn.Module, path: str, name: str) -> nn.Module:
 
 
 def _create(source: str, name: str, num_classes: int | None) -> nn.Module:
-    kwargs = {} if num_classes is None else {"num_classes": num_classes}
+    kwargs: dict[str, Any] = {} if num_classes is None else {"num_classes": num_classes}
     if source == "timm":
         import timm
 

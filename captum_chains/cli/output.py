@@ -9,7 +9,6 @@ class CLIError(Exception):
     """A user mistake, reported as one line on stderr with exit code 1."""
 
 
-# ----------------------------------------------------------------------------- output
 class Console:
     """Info lines on stderr (silent with ``--quiet``); results go to stdout."""
 
@@ -17,14 +16,17 @@ class Console:
         self.quiet = quiet
 
     def info(self, message: str) -> None:
+        """Print an info line on stderr unless quiet."""
         if not self.quiet:
             print(message, file=sys.stderr, flush=True)
 
     @staticmethod
     def warn(message: str) -> None:
+        """Print a warning on stderr (also when quiet)."""
         print(f"captum-chains: warning: {message}", file=sys.stderr, flush=True)
 
 
-def one_line(text: str, limit: int = 400) -> str:
+def one_line(text: object, limit: int = 400) -> str:
+    """``text`` (any object, e.g. an exception) on one line, at most ``limit`` characters."""
     line = " ".join(str(text).split())
     return line if len(line) <= limit else line[: limit - 3] + "..."

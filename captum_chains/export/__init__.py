@@ -10,9 +10,18 @@ ExportReport, count_parameters, count_macs
     Size before/after (parameters, multiply-accumulates).
 Rule, ChannelInfo, Decline, register_module_rule, register_function_rule, register_method_rule
     Extension point: teach the export a new layer type (see ``docs/export.md``).
+CANONICALIZERS, SITE_RESOLVERS, EXTENSIONS
+    Rewrite modules of the private copy before tracing; place scores of special unit
+    hooks; modules imported before the first export (``captum_chains.export.vit``).
 """
 
-from captum_chains.export.api import ExportedSubNetwork, check_model, export_subnetwork
+from captum_chains.export.api import (
+    EXTENSIONS,
+    ExportedSubNetwork,
+    check_model,
+    export_subnetwork,
+    load_extensions,
+)
 from captum_chains.export.report import ExportReport, count_macs, count_parameters, verify
 from captum_chains.export.rules import (
     ChannelInfo,
@@ -22,10 +31,12 @@ from captum_chains.export.rules import (
     register_method_rule,
     register_module_rule,
 )
-from captum_chains.export.tracing import CANONICALIZERS, ExportError
+from captum_chains.export.tracing import CANONICALIZERS, SITE_RESOLVERS, ExportError
 
 __all__ = [
     "CANONICALIZERS",
+    "EXTENSIONS",
+    "SITE_RESOLVERS",
     "ChannelInfo",
     "Decline",
     "ExportError",
@@ -36,6 +47,7 @@ __all__ = [
     "count_macs",
     "count_parameters",
     "export_subnetwork",
+    "load_extensions",
     "register_function_rule",
     "register_method_rule",
     "register_module_rule",

@@ -1,6 +1,7 @@
 """Channel analysis of a traced SubNetwork graph: which channels exist, matter, and are kept.
 
-Three passes over the graph, each delegated per node to its :class:`~captum_chains.export.rules.Rule`:
+Three passes over the graph, each delegated per node to its
+:class:`~captum_chains.export.rules.Rule`:
 
 1. **non-zero** (forward): ``nz[n][c]`` is False only where channel ``c`` of node ``n``
    is exactly zero for every input (a removed filter after its score site, a channel
@@ -49,6 +50,8 @@ class Analysis:
         self, gm: fx.GraphModule, example_inputs: tuple[torch.Tensor, ...], special: dict[str, Rule]
     ) -> None:
         self.gm = gm
+        #: Device of the example inputs (where probe tensors are created).
+        self.device = example_inputs[0].device if example_inputs else torch.device("cpu")
         self.modules: dict[str, nn.Module] = dict(gm.named_modules())
         with torch.no_grad():
             ShapeProp(gm).propagate(*example_inputs)
@@ -74,7 +77,7 @@ class Analysis:
         shape = getattr(meta, "shape", None)
         return tuple(shape) if shape is not None else None
 
-    def module(self, node: fx.Node) -> nn.Module:
+    def module(self, node: fx.Node) -> Any:
         """The working-copy module a ``call_module`` node calls."""
         return self.modules[str(node.target)]
 

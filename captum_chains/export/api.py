@@ -19,6 +19,8 @@ model is never modified.
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 from typing import Any
 
 import torch
@@ -109,6 +111,7 @@ def export_subnetwork(
     example = _inputs(example_inputs, structure, device)
     checks = [example] + ([format_inputs(check_inputs)] if check_inputs is not None else [])
 
+    load_extensions()
     work = working_copy(model)
     gm, tracer = trace(work)
     scores = {
@@ -137,9 +140,21 @@ def export_subnetwork(
         )
     exported = _build(analysis)
     exported.to(device)
-    report = _report(model, subnetwork, gm, exported, example, checks, full_width, rtol)
-    exported.report = report
+    report = _report(model, subnetwork, exported, example, checks, full_width, rtol)
+    exported.report = report  # type: ignore[assignment]
     return exported
+
+
+#: Modules that register rules, canonicalizers or site resolvers for more model
+#: families; imported on first export when present.
+EXTENSIONS: list[str] = ["captum_chains.export.vit"]
+
+
+def load_extensions() -> None:
+    """Import the :data:`EXTENSIONS` that exist (their registrations run on import)."""
+    for name in EXTENSIONS:
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name)
 
 
 def _inputs(
@@ -225,7 +240,6 @@ def _build(analysis: Analysis) -> ExportedSubNetwork:
 def _report(
     model: nn.Module,
     subnetwork: Any,
-    traced: fx.GraphModule,
     exported: ExportedSubNetwork,
     example: tuple[torch.Tensor, ...],
     checks: list[tuple[torch.Tensor, ...]],
@@ -256,7 +270,7 @@ def _report(
         params_before=count_parameters(model),
         params_after=count_parameters(exported),
         nonzero_params_after=count_parameters(exported, nonzero=True),
-        macs_before=count_macs(traced, one),
+        macs_before=count_macs(model, one),
         macs_after=count_macs(exported, one),
         input_shape=tuple(example[0].shape[1:]),
         units_kept=subnetwork.num_filters,

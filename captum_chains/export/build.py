@@ -208,9 +208,9 @@ def take(t: torch.Tensor, index: torch.Tensor, dim: int) -> torch.Tensor:
     return out.clone()
 
 
-def shallow_clone(module: nn.Module) -> nn.Module:
+def shallow_clone(module: nn.Module) -> Any:
     """A new module object sharing attributes but with its own parameter/buffer dicts."""
-    new = copy.copy(module)
+    new: Any = copy.copy(module)
     for attr in ("_parameters", "_buffers", "_modules"):
         setattr(new, attr, dict(getattr(module, attr)))
     for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):

@@ -37,19 +37,19 @@ def _scale_affine(weight: Any, bias: Any, scale: torch.Tensor) -> bool:
     if weight.shape != scale.shape or bias.shape != scale.shape:
         return False
     with torch.no_grad():
-        weight.mul_(scale.to(weight.dtype))
-        bias.mul_(scale.to(bias.dtype))
+        weight.mul_(scale.to(weight))
+        bias.mul_(scale.to(bias))
     return True
 
 
-def _scale_rows(module: nn.Module, scale: torch.Tensor) -> bool:
+def _scale_rows(module: Any, scale: torch.Tensor) -> bool:
     """Multiply a layer's output channels (weight rows, bias) by ``scale``."""
     w = module.weight
     view = [-1] + [1] * (w.ndim - 1)
     with torch.no_grad():
-        w.mul_(scale.to(w.dtype).view(view))
+        w.mul_(scale.to(w).view(view))
         if getattr(module, "bias", None) is not None:
-            module.bias.mul_(scale.to(w.dtype))
+            module.bias.mul_(scale.to(module.bias))
     return True
 
 
@@ -75,7 +75,7 @@ class _Dense(Rule):
     (sums within the group of ``o`` for grouped convolutions)."""
 
     def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
-        """Bool ``[out, in_channels / groups]`` (which input of its group an output reads), groups."""
+        """Bool ``[out, in_channels / groups]``: inputs of its group each output reads; groups."""
         raise NotImplementedError
 
     def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
@@ -92,7 +92,7 @@ class _Dense(Rule):
 
     def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
         mask = _mask(a, node, out_needed)
-        x = node.args[0]
+        x: Any = node.args[0]
         if not a.has_channels(x):
             return {x: bool(mask.any())}
         local, g = self._local(a, node)
@@ -119,7 +119,7 @@ class ConvRule(_Dense):
         m = a.module(node)
         if len(node.args) != 1 or node.kwargs:
             raise Decline
-        x = node.args[0]
+        x: Any = node.args[0]
         if a.has_channels(x):
             info = a.info[x]  # type: ignore[index]
             if info.dim != 1 or info.width != 1 or info.size != m.in_channels:  # type: ignore[union-attr]
@@ -139,7 +139,7 @@ class ConvRule(_Dense):
     def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
         m = a.module(node)
         rows = a.layout[node]
-        x = node.args[0]
+        x: Any = node.args[0]
         if m.groups == 1:
             x_new, cols = _dense_input(a, b, x)  # type: ignore[arg-type]
             weight = take(m.weight.detach(), rows, 0)
@@ -150,9 +150,7 @@ class ConvRule(_Dense):
             return b.set(node, b.graph.call_module(name, (x_new,)), rows)
         return self._build_grouped(a, b, node, m, rows)
 
-    def _conv(
-        self, m: nn.Module, weight: torch.Tensor, rows: torch.Tensor, groups: int
-    ) -> nn.Module:
+    def _conv(self, m: Any, weight: torch.Tensor, rows: torch.Tensor, groups: int) -> nn.Module:
         new = shallow_clone(m)
         new.weight = nn.Parameter(weight)
         if m.bias is not None:
@@ -163,11 +161,11 @@ class ConvRule(_Dense):
         return new
 
     def _build_grouped(
-        self, a: Analysis, b: Builder, node: fx.Node, m: nn.Module, rows: torch.Tensor
+        self, a: Analysis, b: Builder, node: fx.Node, m: Any, rows: torch.Tensor
     ) -> Layout:
         g = m.groups
         out_pg, in_pg = m.out_channels // g, m.in_channels // g
-        x = node.args[0]
+        x: Any = node.args[0]
         local, _ = self._local(a, node)
         nz_local = a.nz[x].view(g, in_pg)  # type: ignore[index]
         real = rows[rows >= 0]
@@ -226,7 +224,7 @@ class LinearRule(_Dense):
         return ChannelInfo(len(shape) - 1, m.out_features)
 
     def _width(self, a: Analysis, node: fx.Node) -> int:
-        x = node.args[0]
+        x: Any = node.args[0]
         return a.info[x].width if a.has_channels(x) else 1  # type: ignore[union-attr]
 
     def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
@@ -238,7 +236,7 @@ class LinearRule(_Dense):
     def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
         m = a.module(node)
         rows = a.layout[node]
-        x = node.args[0]
+        x: Any = node.args[0]
         x_new, cols = _dense_input(a, b, x)  # type: ignore[arg-type]
         weight = take(m.weight.detach(), rows, 0)
         if cols is not None:
@@ -315,7 +313,7 @@ class ChannelNormRule(Rule):
         return info.dim >= len(shape) - k
 
     def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        x = node.args[0]
+        x: Any = node.args[0]
         if not a.has_channels(x):
             raise Decline
         info = a.info[x]
@@ -361,7 +359,8 @@ class ChannelNormRule(Rule):
             return getattr(module, "weight", None), getattr(module, "bias", None)
         if node.op != "call_function":
             return None, None
-        # functional layer_norm(x, shape, weight, bias, eps) / group_norm(x, groups, weight, bias, eps)
+        # functional layer_norm(x, shape, weight, bias, eps) or
+        # group_norm(x, groups, weight, bias, eps)
         weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
         bias = node.kwargs.get("bias", node.args[3] if len(node.args) > 3 else None)
         return b.tensor_of(weight), b.tensor_of(bias)

@@ -100,7 +100,8 @@ def _zeros_like_input(a: Analysis, node: fx.Node, x: fx.Node) -> torch.Tensor:
     shape = a.shape(x)
     assert shape is not None
     dtype = getattr(x.meta.get("tensor_meta"), "dtype", torch.float32)
-    return torch.zeros((1, *shape[1:]) if len(shape) > 1 else shape, dtype=dtype)
+    size = (1, *shape[1:]) if len(shape) > 1 else shape
+    return torch.zeros(size, dtype=dtype, device=a.device)
 
 
 def _concrete(a: Analysis, node: fx.Node, x: fx.Node, replacement: torch.Tensor) -> tuple:
@@ -136,8 +137,7 @@ def run_on(a: Analysis, node: fx.Node, x: fx.Node, value: torch.Tensor) -> torch
                         module.inplace = flag
             if node.op == "call_function":
                 return node.target(*args, **kwargs)  # type: ignore[operator]
-            method = str(node.target).rstrip("_") if str(node.target).endswith("_") else node.target
-            return getattr(args[0], str(method))(*args[1:], **kwargs)
+            return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         except Decline:
             raise
         except Exception as err:
@@ -233,7 +233,9 @@ class PerChannelRule(Rule):
         kwargs = dict(fx.node.map_arg(node.kwargs, conv))
         if "inplace" in kwargs:
             kwargs["inplace"] = False
-        module = self.sliced_module(a, node, layout) if node.op == "call_module" else None
+        module = None
+        if node.op == "call_module" and layout is not None:
+            module = self.sliced_module(a, node, layout)
         target = node.target
         if (
             node.op == "call_method"
@@ -251,6 +253,10 @@ class PerChannelRule(Rule):
         return shallow_clone(a.module(node))
 
 
+def _as_list(value: Any) -> list[Any]:
+    return [value] if isinstance(value, int) else list(value)
+
+
 def _channel_any(mask: torch.Tensor, info: ChannelInfo) -> torch.Tensor:
     moved = mask.movedim(info.dim, 0).reshape(mask.shape[info.dim], -1).any(1)
     return moved.reshape(info.size, info.width).any(1).cpu()
@@ -263,12 +269,11 @@ class ReductionRule(PerChannelRule):
         x_shape, out = a.shape(_first(node)), a.shape(node)
         if x_shape is None or out is None:
             raise Decline
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        given: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keep = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is None:
+        if given is None or not all(isinstance(d, int) for d in _as_list(given)):
             raise Decline
-        dims = [dims] if isinstance(dims, int) else list(dims)
-        dims = [_norm_dim(d, len(x_shape)) for d in dims]
+        dims = [_norm_dim(int(d), len(x_shape)) for d in _as_list(given)]
         if info.dim in dims:
             raise Decline
         new_dim = info.dim if keep else info.dim - sum(d < info.dim for d in dims)
@@ -666,7 +671,8 @@ class CatRule(Rule):
             raise Decline
         if _norm_dim(dim, len(out)) == d:
             node.meta["export_cat"] = True
-            return ChannelInfo(d, sum(i.size for i in infos), infos[0].width)  # type: ignore[union-attr]
+            total = sum(i.size for i in infos if i is not None)
+            return ChannelInfo(d, total, infos[0].width)  # type: ignore[union-attr]
         if any(i.size != infos[0].size for i in infos):  # type: ignore[union-attr]
             raise Decline
         node.meta["export_cat"] = False
@@ -715,8 +721,9 @@ class CatRule(Rule):
         if not pieces:  # only a placeholder channel is needed
             pieces, kept = [b.value(parts[0], layout)], [layout]
         actual = torch.cat(kept)
-        new = pieces[0] if len(pieces) == 1 else b.graph.call_function(torch.cat, (pieces, dim))
-        return b.set(node, new, actual)
+        if len(pieces) == 1:
+            return b.set(node, pieces[0], actual)
+        return b.set(node, b.graph.call_function(torch.cat, (pieces, dim)), actual)
 
 
 class MetaRule(Rule):
@@ -790,7 +797,9 @@ def _register() -> None:
     )
     register_module_rule(act_modules, PerChannelRule("element-wise"))
     register_module_rule(
-        nn.PReLU, PerChannelRule("element-wise"), when=lambda m: m.weight.numel() == 1
+        nn.PReLU,
+        PerChannelRule("element-wise"),
+        when=lambda m: getattr(m, "num_parameters", 0) == 1,
     )
     pools = (
         nn.MaxPool1d,

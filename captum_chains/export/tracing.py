@@ -66,6 +66,23 @@ def _split_timm_bn_act(module: nn.Module) -> nn.Module | None:
     return BatchNormAct(OrderedDict(bn=bn, drop=module.drop, act=module.act))
 
 
+#: Functions ``unit -> (module name, "output" | "input") or None`` that place a unit
+#: layer's scores in the traced graph when discovery's own ``(site, hook)`` cannot be
+#: used directly (e.g. a hook kind the masking handles specially); the first answer wins.
+SiteResolver = Callable[[UnitLayer], "tuple[str, str] | None"]
+SITE_RESOLVERS: list[SiteResolver] = []
+
+
+def export_site(unit: UnitLayer) -> tuple[str, str]:
+    """Where the export applies ``unit``'s scores: the first resolver's answer, or
+    discovery's ``(site, hook)``."""
+    for resolve in SITE_RESOLVERS:
+        found = resolve(unit)
+        if found is not None:
+            return found
+    return unit.site, unit.hook
+
+
 #: Functions ``module -> replacement or None`` applied to every module of the private
 #: copy before tracing; a replacement must compute the same function in eval mode and
 #: keep the names of the children that unit sites refer to.
@@ -76,6 +93,7 @@ def working_copy(model: nn.Module) -> nn.Module:
     """A private deep copy in eval mode, without hooks, with canonical layer forms."""
     work = copy.deepcopy(model)
     work.eval()
+    m: Any
     for m in work.modules():
         for attr in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks"):
             getattr(m, attr, {}).clear()
@@ -176,7 +194,8 @@ class _Sites:
         """Current (input, output) nodes of the single call of module ``name``."""
         calls = self.tracer.calls.get(name, [])
         if len(calls) == 1 and calls[0][0] is not None and calls[0][1] is not None:
-            in_node, out_node = calls[0]
+            in_node: Any = calls[0][0]
+            out_node: Any = calls[0][1]
             if out_node.op == "call_module" and out_node.target == name:
                 in_node = out_node.args[0]  # type: ignore[assignment]
             return self.resolve(in_node), self.resolve(out_node)  # type: ignore[arg-type]
@@ -274,13 +293,20 @@ def apply_subnetwork(
             s = s.repeat_interleave(unit.unit_width)
         what = f"the score site of unit layer {unit.name!r}"
         key = f"_chain_scores_{i}"
-        in_node, out = sites.call(unit.site, what)
-        if unit.hook == "output":
+        site, hook = export_site(unit)
+        if hook not in ("output", "input"):
+            raise ExportError(
+                f"unit layer {unit.name!r} is scored at hook {hook!r} of {site!r}, which the "
+                "export cannot place; register a resolver in "
+                "captum_chains.export.tracing.SITE_RESOLVERS"
+            )
+        in_node, out = sites.call(site, what)
+        if hook == "output":
             scaled = _insert_scale(gm, out, s, unit.channel_dim, key)
             sites.redirect(out, scaled)
         else:
             scaled = _insert_scale(gm, in_node, s, unit.channel_dim, key)
-            sites.replace_input(unit.site, scaled, what)
+            sites.replace_input(site, scaled, what)
         score_nodes[unit.name] = scaled
     for j, gate in enumerate(closed):
         what = f"gate {gate.name!r}"

@@ -24,14 +24,14 @@ into the patch-embedding conv) and closed branch gates (the branch is not comput
 
 ``nn.MultiheadAttention`` heads are scored at the unit hook ``"mha"``
 (:mod:`captum_chains.units.vit`); in the canonical form that is the input of
-``<site>.out_proj``: :func:`export_site` maps a unit to the site the export must use.
+``<site>.out_proj``: :func:`resolve_mha_site` (a site resolver) tells the export.
 Attention modules not listed above (EVA, BEiT, Swin, ...) are traced as they are: the
 export stays exact, with their heads kept at full width.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -40,7 +40,7 @@ from torch import fx, nn
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.build import Builder, shallow_clone
 from captum_chains.export.rules import ChannelInfo, Decline, Layout, Rule, register_module_rule
-from captum_chains.export.tracing import CANONICALIZERS
+from captum_chains.export.tracing import CANONICALIZERS, SITE_RESOLVERS
 from captum_chains.units.base import UnitLayer
 from captum_chains.units.vit import MHA_HOOK
 
@@ -50,7 +50,7 @@ __all__ = [
     "HeadCore",
     "HeadCoreRule",
     "canonical_attention",
-    "export_site",
+    "resolve_mha_site",
 ]
 
 
@@ -198,6 +198,7 @@ def canonical_attention(module: Any) -> nn.Module | None:
     """
     timm_attention = _timm_attention_type()
     if timm_attention is not None and type(module) is timm_attention:
+        module = cast(Any, module)
         if module.qkv.out_features != 3 * module.num_heads * module.head_dim:
             return None
         return CanonicalAttention(module)
@@ -212,16 +213,16 @@ def canonical_attention(module: Any) -> nn.Module | None:
     return None
 
 
-def export_site(unit: UnitLayer) -> tuple[str, str]:
-    """(module, hook) at which the export must apply a unit layer's scores.
+def resolve_mha_site(unit: UnitLayer) -> tuple[str, str] | None:
+    """Export site of a unit scored at the ``"mha"`` hook, else ``None``.
 
-    Units at the ``"mha"`` hook (heads of ``nn.MultiheadAttention``) act at the input of
-    ``<site>.out_proj`` in :class:`CanonicalMultiheadAttention`; others where discovery
-    put them.
+    The heads of ``nn.MultiheadAttention`` act at the input of ``<site>.out_proj`` in
+    :class:`CanonicalMultiheadAttention` (registered in
+    :data:`captum_chains.export.tracing.SITE_RESOLVERS`).
     """
     if unit.hook == MHA_HOOK:
         return f"{unit.site}.out_proj", "input"
-    return unit.site, unit.hook
+    return None
 
 
 # ---------------------------------------------------------------------------- rule
@@ -309,6 +310,8 @@ def _register() -> None:
     register_module_rule(HeadCore, HeadCoreRule())
     if canonical_attention not in CANONICALIZERS:
         CANONICALIZERS.append(canonical_attention)
+    if resolve_mha_site not in SITE_RESOLVERS:
+        SITE_RESOLVERS.append(resolve_mha_site)
 
 
 _register()

@@ -292,13 +292,6 @@ def register_mha_head_hook(
     return module.register_forward_hook(hook, with_kwargs=True)
 
 
-def _masking_supports_site_hooks() -> bool:
-    """True once :mod:`captum_chains.masking` dispatches unknown hooks to ``SITE_HOOKS``."""
-    from captum_chains import masking
-
-    return getattr(masking, "SITE_HOOKS", None) is SITE_HOOKS
-
-
 # ---------------------------------------------------------------------------- discovery
 @dataclass(frozen=True)
 class _Attention:
@@ -326,7 +319,7 @@ def _attention(model: nn.Module, trace: Trace, name: str, module: nn.Module) -> 
     if isinstance(module, nn.MultiheadAttention):
         spatial = call.input_shape[1:-1] if module.batch_first else call.input_shape[:1]
         plain = module.bias_k is None and not module.add_zero_attn
-        hook = MHA_HOOK if plain and _masking_supports_site_hooks() else None
+        hook = MHA_HOOK if plain else None
         return _Attention(
             name, module, name, hook, module.num_heads, module.head_dim, tuple(spatial)
         )
@@ -515,7 +508,7 @@ def _channel_unit(model: nn.Module, trace: Trace, producer: ModuleCall) -> UnitL
     shape = producer.output_shape
     if shape is None or len(shape) < 3:
         return None
-    site, hook, site_shape = producer.name, "output", shape
+    site, site_shape = producer.name, shape
     parent = producer.name.rsplit(".", 1)[0] if "." in producer.name else ""
     after = sorted(
         (c for child in _direct_children(model, parent) for c in trace.calls.get(child, [])),
@@ -537,7 +530,7 @@ def _channel_unit(model: nn.Module, trace: Trace, producer: ModuleCall) -> UnitL
         kind="channel",
         size=width,
         site=site,
-        hook=hook,
+        hook="output",
         channel_dim=dim,
         module_type=type(module).__name__,
         spatial=spatial,
@@ -648,9 +641,9 @@ def vit_adapter(model: nn.Module, trace: Trace) -> AdapterResult | None:
         more = "..." if len(unscorable) > 3 else ""
         warnings.warn(
             f"the heads of {type(model).__name__} are not scored (their attention reads the "
-            "projection weights functionally, or nn.MultiheadAttention without site-hook "
-            f"support in captum_chains.masking): {unscorable[:3]}{more}; MLP neurons and "
-            "branch gates are",
+            "projection weights functionally, or is an nn.MultiheadAttention with key/value "
+            f"biases or zero-attention): {unscorable[:3]}{more}; MLP neurons and branch "
+            "gates are",
             stacklevel=3,
         )
     # containers of the blocks (e.g. ``blocks``, ``encoder.layers``, ``encoder``)
