@@ -91,9 +91,10 @@ def mix(gate: torch.Tensor, output: torch.Tensor, identity: torch.Tensor) -> tor
 class _SiteHook:
     """Everything that happens at one module: scores, then layer gates, then block gates."""
 
-    def __init__(self, state: MaskState, stash: dict[str, torch.Tensor]) -> None:
+    def __init__(self, state: MaskState, stash: dict[str, torch.Tensor], folded: set[str]) -> None:
         self.state = state
         self.stash = stash
+        self.folded = folded  # units whose scores a _NormFold applied in this forward pass
         self.units: list[UnitLayer] = []
         self.mix_gates: list[GateSpec] = []
         self.scale_gates: list[GateSpec] = []
@@ -101,7 +102,7 @@ class _SiteHook:
     def transform(self, y: torch.Tensor) -> torch.Tensor:
         for unit in self.units:
             s = self.state.scores.get(unit.name)
-            if s is not None:
+            if s is not None and unit.name not in self.folded:
                 y = scale_channels(y, s, unit.channel_dim, unit.unit_width)
         for gate in self.mix_gates:
             g = self.state.gates.get(gate.name)
@@ -122,6 +123,7 @@ def apply_masks(
     state: MaskState,
     *,
     freeze: bool = True,
+    fold_norms: bool = False,
 ) -> Iterator[nn.Module]:
     """Run ``model`` with scores and gates applied, inside a ``with`` block.
 
@@ -136,6 +138,12 @@ def apply_masks(
     freeze : bool
         Set ``requires_grad=False`` on the model's parameters while open (no weight
         gradients); restored on exit.
+    fold_norms : bool
+        Apply single-region scores of units that sit right after a BatchNorm by running
+        that BatchNorm with ``gamma * s`` and ``beta * s`` (mathematically the same as
+        scaling its output, Eq. 3, without an extra pass over the feature map; equal up
+        to float rounding). Used by the optimization loop for speed; off by default so
+        that a SubNetwork runs exactly the hooks' arithmetic.
 
     Yields
     ------
@@ -145,13 +153,14 @@ def apply_masks(
     modules = dict(model.named_modules())
     stash: dict[str, torch.Tensor] = {}
     sites: dict[tuple[str, str], _SiteHook] = {}
+    folded: set[str] = set()
 
     def site(name: str, hook: str) -> _SiteHook:
         if name not in modules:
             raise ValueError(
                 f"the model has no module {name!r}; was the structure discovered on another model?"
             )
-        return sites.setdefault((name, hook), _SiteHook(state, stash))
+        return sites.setdefault((name, hook), _SiteHook(state, stash, folded))
 
     for unit in structure.units:
         site(unit.site, unit.hook).units.append(unit)
@@ -164,6 +173,7 @@ def apply_masks(
                 raise ValueError(f"the model has no module {gate.start!r} (gate {gate.name!r})")
             starts.setdefault(gate.start, []).append(gate.name)
 
+    folds = _norm_folds(modules, structure, state, folded) if fold_norms else []
     handles: list[Any] = []
     with frozen_eval(model, freeze=freeze):
         try:
@@ -184,11 +194,91 @@ def apply_masks(
                         f"unit site {name!r} uses the hook {hook!r}, which no adapter "
                         f"registered in captum_chains.units.adapters.SITE_HOOKS"
                     )
+            for fold in folds:  # registered last: restores after the site hooks ran
+                handles += fold.register()
             yield model
         finally:
             for h in handles:
                 h.remove()
+            for fold in folds:
+                fold.restore()
             stash.clear()
+            folded.clear()
+
+
+class _NormFold:
+    """Scores of one unit layer folded into the BatchNorm whose output they scale.
+
+    ``s * (gamma * x_hat + beta) == (gamma * s) * x_hat + beta * s``: a forward pre-hook
+    swaps the BatchNorm's affine parameters for the scaled tensors (so the gradient still
+    reaches the scores) and a forward hook puts the originals back. Only 1-D scores are
+    folded; ``[K, C]`` scores of batched regions take the site hook's path.
+    """
+
+    def __init__(
+        self, module: nn.Module, unit: UnitLayer, state: MaskState, folded: set[str]
+    ) -> None:
+        self.module, self.unit, self.state, self.folded = module, unit, state, folded
+        self.originals: dict[str, Any] = {}
+
+    def register(self) -> list[Any]:
+        return [
+            self.module.register_forward_pre_hook(self._swap),
+            self.module.register_forward_hook(lambda *_: self.restore()),
+        ]
+
+    def _swap(self, module: nn.Module, args: tuple[Any, ...]) -> None:
+        s = self.state.scores.get(self.unit.name)
+        if s is None or s.ndim != 1:
+            return
+        params = module._parameters
+        self.originals = {"weight": params["weight"], "bias": params["bias"]}
+        params["weight"] = self.originals["weight"] * s  # type: ignore[assignment]
+        params["bias"] = self.originals["bias"] * s  # type: ignore[assignment]
+        self.folded.add(self.unit.name)
+
+    def restore(self) -> None:
+        if self.originals:
+            self.module._parameters.update(self.originals)
+            self.originals = {}
+        self.folded.discard(self.unit.name)
+
+
+def _norm_folds(
+    modules: dict[str, nn.Module], structure: ModelStructure, state: MaskState, folded: set[str]
+) -> list[_NormFold]:
+    """A :class:`_NormFold` per unit layer scored right at a BatchNorm's affine output.
+
+    That is a unit whose site is a BatchNorm's output, or the input of the activation
+    child ``<bn>.act`` of a fused norm-activation module (timm ``BatchNormAct2d``), with
+    one score per channel of an affine BatchNorm; one unit per BatchNorm.
+    """
+    candidates: dict[str, list[UnitLayer]] = {}
+    for unit in structure.units:
+        if unit.hook == "output":
+            norm = unit.site
+        elif unit.hook == "input" and unit.site.endswith(".act"):
+            norm = unit.site.rsplit(".", 1)[0]
+        else:
+            continue
+        candidates.setdefault(norm, []).append(unit)
+    folds = []
+    for norm, units in candidates.items():
+        module = modules.get(norm)
+        if len(units) != 1 or not isinstance(module, nn.modules.batchnorm._BatchNorm):
+            continue
+        unit = units[0]
+        weight, bias = module._parameters.get("weight"), module._parameters.get("bias")
+        if (
+            weight is None
+            or bias is None
+            or unit.channel_dim != 1
+            or unit.unit_width != 1
+            or weight.shape != (unit.size,)
+        ):
+            continue
+        folds.append(_NormFold(module, unit, state, folded))
+    return folds
 
 
 def _stash_hook(names: list[str], stash: dict[str, torch.Tensor], state: MaskState):

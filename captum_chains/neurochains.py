@@ -315,7 +315,9 @@ class _Optimization:
             (self.k, n_gates), cfg.alpha_init, device=self.device, requires_grad=use_gates
         )
         state = MaskState()
-        with apply_masks(self.model, self.structure, state, freeze=True):
+        # BatchNorm folding swaps parameters inside hooks, which torch.compile would guard on
+        fold = not cfg.compile
+        with apply_masks(self.model, self.structure, state, freeze=True, fold_norms=fold):
             self._optimize(state, scores, alphas, use_gates, progress)
             final, gates_open, soft = self._threshold(scores.detach(), alphas.detach(), use_gates)
             kl = self._hard_kl(state, final, gates_open)

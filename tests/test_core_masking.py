@@ -8,6 +8,7 @@ from conftest import FAMILIES, make_inputs, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 
+from captum_chains._utils.model_state import ModelSnapshot
 from captum_chains.masking import MaskState, apply_masks, scale_channels
 from captum_chains.subnetwork import SubNetwork, subnetwork_from_mappings
 from captum_chains.units import discover
@@ -232,3 +233,49 @@ def test_site_hooks_receive_the_unit_transform_and_unknown_hooks_are_refused(mon
     with pytest.raises(ValueError, match="custom"):
         with apply_masks(model, custom, state):
             pass
+
+
+@given(family=families, seed=seeds, width=widths)
+def test_folding_scores_into_batchnorm_equals_scaling_its_output(family, seed, width):
+    model = make_model(family, width, seed)
+    x = make_inputs(seed=seed)
+    structure = _structure(model, x)
+    snapshot = ModelSnapshot.take(model)
+    gen = torch.Generator().manual_seed(seed)
+    results = []
+    for fold in (False, True):
+        scores = {
+            u.name: torch.rand(u.size, generator=gen).requires_grad_(True) for u in structure.units
+        }
+        gen.manual_seed(seed)
+        state = MaskState(scores=scores, gates={g.name: torch.tensor(0.7) for g in structure.gates})
+        with apply_masks(model, structure, state, fold_norms=fold):
+            out = model(x)
+            out.logsumexp(1).sum().backward()
+        results.append((out.detach(), torch.cat([s.grad for s in scores.values()])))
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(results[1][1], results[0][1], rtol=1e-4, atol=1e-5)
+    snapshot.assert_unchanged(model)
+
+
+def test_folding_restores_the_batchnorm_parameters_after_an_interrupt():
+    model, x = make_model("plain", 4, 0), make_inputs(seed=0)
+    structure = _structure(model, x)
+    snapshot = ModelSnapshot.take(model)
+    norm = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    weight = norm.weight
+    state = MaskState(scores={u.name: torch.full((u.size,), 0.5) for u in structure.units})
+
+    def interrupt(module, args):  # runs after the fold's own pre-hook
+        assert norm.weight is not weight  # the fold is active inside the forward pass
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        with apply_masks(model, structure, state, fold_norms=True):
+            handle = norm.register_forward_pre_hook(interrupt)
+            try:
+                model(x)
+            finally:
+                handle.remove()
+    assert norm.weight is weight
+    snapshot.assert_unchanged(model)
