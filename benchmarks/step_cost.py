@@ -14,6 +14,7 @@ Prints the device, absolute times and the ratio step / floor.
 from __future__ import annotations
 
 import argparse
+import itertools
 import platform
 import statistics
 import time
@@ -61,7 +62,7 @@ def step_times(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
     """Seconds per NeuroChains optimization step (from the run's history), first step dropped."""
     chain = ChainExtractor(model, steps=repeats + 1, finetune_steps=0).attribute(x, progress=False)
     stamps = [row["time"] for row in chain.history if row["phase"] == "optimize"]
-    return [b - a for a, b in zip(stamps, stamps[1:])]
+    return [b - a for a, b in itertools.pairwise(stamps)]
 
 
 def sync(x: torch.Tensor) -> None:
@@ -76,7 +77,8 @@ def main() -> None:
     )
     parser.add_argument("--batch", type=int, default=20)
     parser.add_argument("--size", type=int, default=224)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=3, help="samples per round")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating floor/step rounds")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full", action="store_true", help="also time a whole chain (300 steps)")
     args = parser.parse_args()
@@ -84,26 +86,25 @@ def main() -> None:
     torch.manual_seed(0)
     model = build(args.model).to(args.device)
     x = torch.randn(args.batch, 3, args.size, args.size, device=args.device)
-    device = (
-        torch.cuda.get_device_name()
-        if x.is_cuda
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    )
-    floor = floor_time(model, x, args.repeats)
-    step = step_times(model, x, args.repeats)
+    where = f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads"
+    device = torch.cuda.get_device_name() if x.is_cuda else f"CPU ({where})"
+    # floor and step are measured in alternating rounds, so that a change of the machine's
+    # load during the run affects both alike
+    floor, step = [], []
+    for _ in range(args.rounds):
+        floor += floor_time(model, x, args.repeats)
+        step += step_times(model, x, args.repeats)
     f, s = statistics.median(floor), statistics.median(step)
     print(f"device: {device}; torch {torch.__version__}")
-    print(
-        f"{args.model} {args.batch}x{args.size}^2: floor {f:.3f} s, step {s:.3f} s, ratio {s / f:.2f}x"
-    )
+    print(f"{args.model} {args.batch}x{args.size}^2: floor {f:.3f} s, step {s:.3f} s, ", end="")
+    print(f"ratio {s / f:.2f}x ({len(floor)} floor and {len(step)} step samples)")
     if args.full:
         start = time.perf_counter()
         chain = ChainExtractor(model).attribute(x, progress=True)
         wall = time.perf_counter() - start
         steps = len(chain.history)
-        print(
-            f"full chain: {wall:.1f} s, {steps} steps ({wall / steps:.2f} s/step), kept {chain.num_filters}/{chain.total_filters}"
-        )
+        print(f"full chain: {wall:.1f} s, {steps} steps ({wall / steps:.2f} s/step), ", end="")
+        print(f"kept {chain.num_filters}/{chain.total_filters}")
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ def main() -> None:
     print(
         f"digits {args.arch}, {args.regions} regions x 10 images, gate_penalty={args.gate_penalty}"
     )
-    print(
-        f"{'setting':58s} {'steps':>6s} {'kept%':>6s} {'agree':>6s} {'drop':>7s} {'KL':>7s} {'s':>5s}"
-    )
+    columns = ("steps", "kept%", "agree", "drop", "KL", "s")
+    widths = (6, 6, 6, 7, 7, 5)
+    print(f"{'setting':58s} " + " ".join(f"{c:>{w}s}" for c, w in zip(columns, widths)))
     for steps, delta, label in settings:
         config = ChainConfig(steps=steps, early_stop_delta=delta, gate_penalty=args.gate_penalty)
         start = time.perf_counter()

@@ -283,4 +283,6 @@ def test_compiled_and_eager_paths_give_the_same_chain():
     compiled = ChainExtractor(model, compile="aot_eager", **FAST).attribute(x, progress=False)
     assert compiled.subnetwork.removed_gates == eager.subnetwork.removed_gates
     for name in eager.importance:
-        torch.testing.assert_close(compiled.importance[name], eager.importance[name], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            compiled.importance[name], eager.importance[name], rtol=1e-4, atol=1e-5
+        )

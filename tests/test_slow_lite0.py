@@ -25,7 +25,9 @@ def test_pretrained_lite0_classifies_the_bundled_photos(lite0):
 
     categories = imagenet_categories()
     with torch.no_grad():
-        p = lite0(torch.stack([preprocess(sample_photo("chelsea")), preprocess(sample_photo("coffee"))]))
+        p = lite0(
+            torch.stack([preprocess(sample_photo("chelsea")), preprocess(sample_photo("coffee"))])
+        )
     p = p.softmax(1)
     assert [categories[i] for i in p.argmax(1).tolist()] == ["Egyptian cat", "espresso"]
     assert float(p[0].max()) == pytest.approx(0.80, abs=0.02)
