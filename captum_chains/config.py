@@ -62,6 +62,10 @@ class ChainConfig:
         backend; a string: that backend, e.g. ``"aot_eager"``). If compilation fails the
         run falls back to eager execution with a warning. Results equal the eager path
         up to floating-point rounding.
+    autocast : {"bfloat16", "float16"}, optional
+        Run the masked forward pass under ``torch.autocast`` in this dtype (for GPUs with
+        fast low-precision matmuls); the KL, the penalties, the scores and gates stay in
+        float32. ``None`` (default): full precision.
     """
 
     l1: float | None = None
@@ -82,6 +86,7 @@ class ChainConfig:
     finetune_steps: int = 50
     use_gates: bool = True
     compile: bool | str = False
+    autocast: Literal["bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -108,6 +113,10 @@ class ChainConfig:
         if not 0 < self.gate_threshold < 1:
             raise ValueError(
                 f"ChainConfig.gate_threshold must lie in (0, 1), got {self.gate_threshold}"
+            )
+        if self.autocast not in (None, "bfloat16", "float16"):
+            raise ValueError(
+                f"ChainConfig.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}"
             )
         if self.gate_penalty_on not in ("alpha", "gate"):
             raise ValueError(

@@ -19,6 +19,7 @@ runs.
 
 from __future__ import annotations
 
+import contextlib
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -295,15 +296,23 @@ class _Optimization:
         self, state: MaskState, scores: torch.Tensor, gates: torch.Tensor | None, hard: bool = False
     ) -> torch.Tensor:
         self._state(scores, gates, state, hard)
-        try:
-            logits = self.forward(*self.batch, *self.extra)
-        except Exception as err:
-            if self.forward is self.model:
-                raise
-            warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
-            self.forward = self.model
-            logits = self.model(*self.batch, *self.extra)
-        return kl_divergence(self.log_p, logits, self.k, self.targets)
+        with self._autocast():
+            try:
+                logits = self.forward(*self.batch, *self.extra)
+            except Exception as err:
+                if self.forward is self.model:
+                    raise
+                warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
+                self.forward = self.model
+                logits = self.model(*self.batch, *self.extra)
+        return kl_divergence(self.log_p, logits.float(), self.k, self.targets)
+
+    def _autocast(self) -> Any:
+        """``torch.autocast`` in the configured dtype, or a no-op context."""
+        dtype = self.config.autocast
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
 
     # -- phases -------------------------------------------------------------
     def run(self, progress: bool) -> list[Chain]:
