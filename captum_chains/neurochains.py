@@ -172,15 +172,15 @@ class ChainExtractor(Attribution):
     ) -> list[Chain]:
         """Extract K chains, one per region, in one batched optimization.
 
+        Parameters not listed here are as in :meth:`attribute`. The K chains equal those of
+        K separate :meth:`attribute` calls up to floating-point rounding.
+
         Parameters
         ----------
         regions : sequence of Tensor, or Tensor ``[K, B, ...]``
             K regions with the same number B of inputs each.
         target : sequence, optional
             One target per region (each in the formats of :meth:`attribute`), or None.
-
-        Other parameters are as in :meth:`attribute`. The K chains equal those of K
-        separate :meth:`attribute` calls up to floating-point rounding.
         """
         if isinstance(regions, torch.Tensor):
             if regions.ndim < 3:

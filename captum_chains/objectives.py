@@ -59,7 +59,7 @@ def binary_kl(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
 
 
 def l1_penalty(scores: torch.Tensor) -> torch.Tensor:
-    """Sum of |scores| per region (``scores``: ``[K, U]``)."""
+    """Sum of ``|scores|`` per region (``scores``: ``[K, U]``)."""
     return scores.abs().sum(dim=1)
 
 

@@ -566,7 +566,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     out = tmp_path / "demo"
     report = json.loads((out / "report.json").read_text())
-    assert 0 < report["steps"] <= 5
+    assert report["steps"] >= 5  # optimization steps, then the fine-tuning ones
     assert f"kept {report['kept_filters']}/{report['total_filters']} filters" in result.stdout
     assert (out / "chain_layer_scores.png").is_file()
     from captum_chains.pretrained import load_efficientnet_lite0

@@ -223,7 +223,7 @@ frame.addEventListener("load", () => {
       images: images,
       errors: doc.querySelectorAll(".output.traceback, .output.stderr, .output.error").length,
       outputs: doc.querySelectorAll(".cell_output").length,
-      math: doc.querySelectorAll("span.math, div.math").length,
+      math: doc.querySelectorAll(".math.notranslate").length,  // Sphinx's equations
       typeset: doc.querySelectorAll("script[type^='math/tex']").length,
       math_errors: doc.querySelectorAll(".MathJax_Error, merror").length,
     });

@@ -33,6 +33,7 @@
 # %%
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -93,15 +94,18 @@ fig  # noqa: B018 (displays the figure in a notebook)
 # of the deepest convolutional layer the chain keeps (pass `layer=` to choose).
 
 # %%
-fig, result = compare(
-    chain,
-    region,
-    methods=[IntegratedGradients, LayerGradCam, Saliency],
-    method_kwargs={IntegratedGradients: {"n_steps": 16, "internal_batch_size": 16}},
-    denormalize=denormalize,
-    class_names=categories,
-    return_result=True,
-)
+with warnings.catch_warnings():
+    # Captum's Saliency notes that it switched on requires_grad for the inputs itself
+    warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    fig, result = compare(
+        chain,
+        region,
+        methods=[IntegratedGradients, LayerGradCam, Saliency],
+        method_kwargs={IntegratedGradients: {"n_steps": 16, "internal_batch_size": 16}},
+        denormalize=denormalize,
+        class_names=categories,
+        return_result=True,
+    )
 save_figure(fig, out / "compare.png")
 print("figures saved in", out)
 fig  # noqa: B018 (displays the figure in a notebook)

@@ -24,7 +24,7 @@
 # This tutorial (under two minutes on a CPU) covers
 #
 # 1. extracting a chain of a small digits CNN and exporting it: sizes before/after,
-#    exactness, the generated code, TorchScript / `torch.export` / ONNX;
+#    exactness, the generated code, `torch.export` and ONNX;
 # 2. the chain as a weighted graph and its strongest paths, written to GraphML and DOT;
 # 3. exporting a chain of the real ImageNet EfficientNet-Lite0 (timm `Conv2dSame`,
 #    `BatchNormAct2d` with ReLU6, residual blocks removed).
@@ -88,15 +88,13 @@ print(f"max |export - SubNetwork| on 64 other digits: {diff:.2e}")
 print(f"logit range: {float(logits.max() - logits.min()):.2f}")
 
 # %% [markdown]
-# The export runs through TorchScript, `torch.export` and ONNX (all layers here are
-# supported by the three).
+# The export is plain PyTorch, so `torch.export` and ONNX take it as it is (this is what
+# `captum-chains export DIR --format pt|onnx` writes, {doc}`../cli`).
 
 # %%
 with torch.no_grad():
     reference = exported(region)
-    scripted = torch.jit.script(exported)
     program = torch.export.export(exported, (region,))
-    print("TorchScript  ", float((scripted(region) - reference).abs().max()))
     print("torch.export ", float((program.module()(region) - reference).abs().max()))
 buffer = io.BytesIO()
 with warnings.catch_warnings():

@@ -72,7 +72,8 @@ import time
 
 start = time.perf_counter()
 chain = ChainExtractor(model, steps=100, lr=0.02).attribute(inputs, progress=False, seed=0)
-print(f"{len(chain.history)} steps in {time.perf_counter() - start:.0f} s")
+seconds = time.perf_counter() - start
+print(f"{len(chain.history)} steps (optimization, then fine-tuning) in {seconds:.0f} s")
 print(chain.summary())
 
 # %% [markdown]

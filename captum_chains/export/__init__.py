@@ -2,9 +2,9 @@
 
 Public API
 ----------
-export_subnetwork(subnetwork, **kw) -> ExportedSubNetwork
+``export_subnetwork(subnetwork, **kw) -> ExportedSubNetwork``
     The export (also ``SubNetwork.export()``).
-verify(exported, subnetwork, inputs) -> float
+``verify(exported, subnetwork, inputs) -> float``
     Max absolute difference between export and SubNetwork.
 ExportReport, count_parameters, count_macs
     Size before/after (parameters, multiply-accumulates).

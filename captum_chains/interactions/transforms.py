@@ -170,7 +170,7 @@ def or_values(i_or: torch.Tensor) -> torch.Tensor:
 
 
 def popcount(n: int, device: torch.device | str | None = None) -> torch.Tensor:
-    """Order ``|S|`` of every subset bitmask ``S`` in ``0 .. 2**n - 1`` (int64)."""
+    """Order ``|S|`` of every subset bitmask ``S`` in ``range(2**n)`` (int64)."""
     idx = torch.arange(1 << n, device=device)
     bits = (idx.unsqueeze(-1) >> torch.arange(n, device=device)) & 1
     return bits.sum(-1)
