@@ -87,9 +87,13 @@ def _gradcam(layer: str) -> Explain:
 def _gradcam_for_sensitivity(model: nn.Module, layer: str) -> Callable[..., Tensor]:
     """GradCAM as an ``explanation_func`` for ``sensitivity_max``, shaped like the inputs."""
 
-    def explain(inputs: Tensor | tuple[Tensor, ...], target: Tensor) -> Tensor:
+    def explain(inputs: Tensor | tuple[Tensor, ...], target: Tensor) -> Tensor | tuple[Tensor, ...]:
+        # like a Captum attribution: a tuple for a tuple input. sensitivity_max iterates
+        # over the explanation of its (tuple) inputs: a bare tensor would be iterated over
+        # its batch dimension and silently broadcast into wrong numbers
         x = inputs[0] if isinstance(inputs, tuple) else inputs
-        return _gradcam(layer)(model, x, target).expand_as(x)
+        cam = _gradcam(layer)(model, x, target).expand_as(x).contiguous()
+        return (cam,) if isinstance(inputs, tuple) else cam
 
     return explain
 
@@ -435,7 +439,7 @@ def save_figures(prefix: str, setup: Setup, kept: dict, show: int = 4) -> None:
     plt.close(fig)
 
 
-SECTIONS = ("stats", "sanity", "perturbation", "overlap")
+SECTIONS = ("stats", "sanity", "perturbation", "overlap", "figures")
 
 
 def main() -> None:
@@ -450,7 +454,7 @@ def main() -> None:
     parser.add_argument("--n-perturb", type=int, default=5)
     parser.add_argument(
         "--sections",
-        default=",".join(SECTIONS),
+        default=",".join(SECTIONS[:-1]),
         help=f"comma-separated subset of {SECTIONS}",
     )
     parser.add_argument(
@@ -510,6 +514,13 @@ def main() -> None:
             )
             if args.prefix:
                 save_figures(f"{args.prefix}_{key}", setup, kept)
+        if "figures" in sections and "perturbation" not in sections and args.prefix:
+            kept = {}  # maps and curves only, no Captum metrics
+            for name, (explain, _, _) in table.items():
+                attr = explain(setup.model, setup.inputs, setup.target).detach()
+                curves = perturbation_curves(setup.model, setup.inputs, attr, target=setup.target)
+                kept[name] = (attr, curves)
+            save_figures(f"{args.prefix}_{key}", setup, kept)
         if args.prefix:
             write_csvs(f"{args.prefix}_{key}", out)
         print_tables(setup, out["stats"], out["sanity"], out["perturbation"])

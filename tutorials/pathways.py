@@ -35,6 +35,8 @@
 # `docs/pathways.md`.
 
 # %%
+import warnings
+
 import matplotlib.pyplot as plt
 import torch
 from captum.attr import (
@@ -112,6 +114,14 @@ def gradcam(model, layer, x, target):
     return LayerAttribution.interpolate(cam.detach(), tuple(x.shape[-2:]), "bilinear")
 
 
+def guided_backprop(model, inputs, target):
+    # Captum warns that it sets backward hooks on ReLU modules; they are its own and
+    # removed after the call.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Setting backward hooks on ReLU")
+        return GuidedBackprop(model).attribute(inputs, target=target)
+
+
 def all_methods(model, x, target, gradcam_layer, ig_steps):
     inputs = x.clone().requires_grad_()
     return {
@@ -121,7 +131,7 @@ def all_methods(model, x, target, gradcam_layer, ig_steps):
             x, target=target, n_steps=ig_steps
         ),
         "Gradient\nx Input": InputXGradient(model).attribute(inputs, target=target),
-        "Guided\nBackprop": GuidedBackprop(model).attribute(inputs, target=target),
+        "Guided\nBackprop": guided_backprop(model, inputs, target),
         "GradCAM": gradcam(model, gradcam_layer, x, target),
     }
 

@@ -177,7 +177,7 @@ class InteractionPrimitives(PerturbationAttribution):
         top_k: int | float = 0.05,
         threshold: float | None = None,
         merge_low_order: bool = True,
-        solver: str | SolverConfig = "adam",
+        solver: str | SolverConfig = "pdhg",
         progress: bool = True,
     ) -> InteractionResult:
         """Sparsest AND-OR decomposition of precomputed values ``[B, m, 2**n]``.
@@ -272,7 +272,7 @@ class InteractionPrimitives(PerturbationAttribution):
         top_k: int | float = 0.05,
         threshold: float | None = None,
         merge_low_order: bool = True,
-        solver: str | SolverConfig = "adam",
+        solver: str | SolverConfig = "pdhg",
         batch_size: int | None = None,
         memory_budget_mb: float = 1024.0,
         max_players: int = 16,
@@ -321,7 +321,9 @@ class InteractionPrimitives(PerturbationAttribution):
         merge_low_order : bool
             Merge OR into AND for ``|S| <= 1`` in statistics (identical atoms).
         solver : str or SolverConfig
-            ``"adam"`` (fast, default), ``"sgd"`` (the reference optimiser) or ``"lp"``
+            ``"pdhg"`` (default: closest to the exact optimum per CPU second, see
+            ``benchmarks/interactions_optimizer.py``), ``"adam"``, ``"sgd"`` (the
+            reference optimiser) or ``"lp"``
             (exact, small ``n``).
         batch_size : int, optional
             Masked samples per forward pass; default from ``memory_budget_mb``.
