@@ -20,7 +20,7 @@ The chosen setting is the sparsest (fewest kept units) whose mean region agreeme
 
     OMP_NUM_THREADS=1 python benchmarks/vit_sweep.py                      # the grid
     OMP_NUM_THREADS=1 python benchmarks/vit_sweep.py --l1 0.002 --gate 0 --regions 24
-    OMP_NUM_THREADS=1 python benchmarks/vit_sweep.py --defaults --regions 24  # FAMILY_PENALTIES
+    OMP_NUM_THREADS=1 python benchmarks/vit_sweep.py --defaults --regions 24 --region-seed 1
     python benchmarks/vit_sweep.py --out /tmp/vit_sweep.jsonl             # also per-region rows
 """
 
@@ -170,7 +170,10 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=12, help="regions per attribute_many call")
     parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="model and optimization seed")
+    parser.add_argument(
+        "--region-seed", type=int, default=0, help="seed of the region draw (0: the sweep's)"
+    )
     parser.add_argument("--min-agreement", type=float, default=0.95)
     parser.add_argument("--max-kl", type=float, default=0.1)
     parser.add_argument("--out", default=None, help="append per-region rows as JSON lines")
@@ -186,16 +189,14 @@ def main() -> None:
         n_regions=args.regions,
         per_class=args.per_class,
         min_confidence=0.95,
-        seed=args.seed,
+        seed=args.region_seed,
     )
     print(
         f"digits ViT, {args.regions} regions of 2 classes x {args.per_class} training images "
         f"(confidence >= 0.95), held-out: the test images of the two classes; "
         f"threads={torch.get_num_threads()}"
     )
-    grid = (
-        [(None, None)] if args.defaults else list(itertools.product(args.l1, args.gate))
-    )
+    grid = [(None, None)] if args.defaults else list(itertools.product(args.l1, args.gate))
     if args.defaults:
         print(f"FAMILY_PENALTIES['vit'] = {FAMILY_PENALTIES['vit']}")
     print(HEADER, flush=True)

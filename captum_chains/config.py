@@ -12,7 +12,7 @@ FAMILY_PENALTIES: dict[str, tuple[float, float]] = {
     "plain": (0.007, 2.0),
     "residual": (0.0065, 0.9),
     "mobile": (0.0065, 0.9),
-    "vit": (0.0065, 0.9),
+    "vit": (0.0065, 0.0),  # digits-ViT sweep (docs/vit.md): any lambda_g > 0 broke regions
 }
 
 

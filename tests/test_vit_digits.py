@@ -2,7 +2,8 @@
 
 Slow: trains the digits ViT on first use (about 100 s on one core; cached on disk and
 shared by the whole session afterwards). The full study over 20 regions is
-``benchmarks/vit_sweep.py``; this test runs two regions with the ViT defaults.
+``benchmarks/vit_sweep.py``; this test runs two regions with the ViT defaults
+(``FAMILY_PENALTIES["vit"]``).
 """
 
 from __future__ import annotations
@@ -13,13 +14,10 @@ import torch.nn.functional as F
 
 from captum_chains import ChainExtractor
 from captum_chains._utils.model_state import ModelSnapshot
+from captum_chains.config import FAMILY_PENALTIES
 from captum_chains.zoo import load_digits_data, train_digits_model
 
 pytestmark = pytest.mark.slow
-
-# lambda, lambda_g chosen by benchmarks/vit_sweep.py (docs/vit.md); used explicitly so this
-# test checks them whatever FAMILY_PENALTIES["vit"] currently holds
-VIT_L1, VIT_GATE = 0.002, 0.0
 
 
 @pytest.fixture(scope="module")
@@ -36,12 +34,12 @@ def test_digits_vit_chains_are_sparse_and_faithful(digits_vit):
         xb = data.x_test[data.y_test == b][:10]
         regions.append(torch.cat([xa, xb]))
     snapshot = ModelSnapshot.take(model)
-    chains = ChainExtractor(model, l1=VIT_L1, gate_penalty=VIT_GATE).attribute_many(
-        regions, progress=False, seed=0
-    )
+    # the family defaults, chosen by benchmarks/vit_sweep.py (docs/vit.md)
+    chains = ChainExtractor(model).attribute_many(regions, progress=False, seed=0)
     snapshot.assert_unchanged(model)
     for chain, x in zip(chains, regions):
         assert chain.structure.family == "vit"
+        assert (chain.config.l1, chain.config.gate_penalty) == FAMILY_PENALTIES["vit"]
         heads = sum(
             int(chain.kept[u.name].sum()) for u in chain.structure.units if u.kind == "head"
         )

@@ -55,14 +55,15 @@ print(token_layout(vit, x))
 # %% [markdown]
 # ## A chain for a two-class region
 #
-# Ten test images of a 3 and ten of an 8. The ViT penalties below are the ones chosen by
-# the sweep in `benchmarks/vit_sweep.py` (see `docs/vit.md`).
+# Ten test images of a 3 and ten of an 8. `ChainExtractor` recognises the ViT family and
+# uses its penalties (`FAMILY_PENALTIES["vit"]`: lambda = 0.0065, lambda_g = 0), chosen
+# by the sweep in `benchmarks/vit_sweep.py` (see `docs/vit.md`).
 
 # %%
 threes = data.x_test[data.y_test == 3][:10]
 eights = data.x_test[data.y_test == 8][:10]
 region = torch.cat([threes, eights])
-extractor = ChainExtractor(vit, l1=0.002, gate_penalty=0.0)
+extractor = ChainExtractor(vit)
 chain = extractor.attribute(region, progress=False, seed=0)
 print(chain.summary())
 
