@@ -30,6 +30,30 @@ The last kept layers feed the logits through the classifier head. Their edge wei
 the mean absolute change of logit ``t`` when channel ``c`` of the head's input is zeroed
 (again times ``\rho``); for a linear head this is exactly ``E|W_{t,c} X_c|``.
 
+Units wider than one channel (a ViT attention head holds ``head_dim`` channels,
+``UnitLayer.unit_width``) are read, zeroed and split by ``\rho`` as whole groups of
+channels; a head's response is its part of the attention output (``HeadCore`` in the
+export's trace), and means run over the head's channels too.
+
+Mixing layers. Some units reach the next unit layer only through a linear layer that is
+not a unit layer and mixes channels: a head's output goes through the attention's
+``proj`` into the residual stream, which the next ``fc1`` (or ``qkv``) reads after a
+LayerNorm; an MLP neuron goes through ``fc2``. Then ``B`` reads no channel of ``A`` and
+the edge weight is the response form of the formula above,
+
+.. math::
+
+    w(A.a \to B.j) = s^B_j \; \rho_A(a) \;
+        \mathbb{E}_{x \in R,\, p}\big|\,R^B_j(X^B(x))(p) - R^B_j(X^B_{-A.a}(x))(p)\,\big|,
+
+where ``R^B_j`` is ``B.j``'s response (for a linear ``B`` this is
+``E|W^B_j (X^B - X^B_{-A.a})|``, the part of the response that flows from ``A.a``) and
+``X^B_{-A.a}`` is ``B``'s input recomputed with ``A.a``'s channels zeroed at the mixing
+layer's input while every other unit's score site keeps its value: only the direct flow
+through non-unit operations (projection, residual additions, LayerNorm) counts, as for
+aligned edges. Layers that read ``A``'s channels aligned are measured by the first
+formula only.
+
 Paths
 -----
 :func:`strongest_paths` ranks input-to-output paths by the product of edge
@@ -55,9 +79,11 @@ from captum_chains.export.build import shallow_clone
 from captum_chains.export.rules_layers import ChannelNormRule, ConvRule, LinearRule
 from captum_chains.export.rules_ops import SPECIAL, BinaryRule, CatRule, PerChannelRule, ScaleRule
 from captum_chains.export.tracing import apply_subnetwork, trace, working_copy
+from captum_chains.export.vit import HeadCore
 
 FORMULA = (
     "w(A.c -> B.j) = s_j * rho_A(c) * mean_{x,p} |(W_{j,c} * X_c)(p)|; "
+    "through a mixing layer: s_j * rho_A(c) * mean_{x,p} |R_j(X) - R_j(X without A.c)|; "
     "logits: mean_x |logit_t(X) - logit_t(X without channel c)| * rho_A(c)"
 )
 _ALIGNED_RULES = (PerChannelRule, BinaryRule, CatRule, ScaleRule, ChannelNormRule)
@@ -132,9 +158,12 @@ def chain_graph(
             magnitude=float(flows.logit_mean[t]),
             input_layer=False,
         )
+    weights: dict[tuple[str, str], float] = {}
     for (a, c), (b, j), w in flows.edges(classes):
         src = units_label(a, c)
         dst = f"logit.{j}" if b == "logits" else units_label(b, j)
+        weights[src, dst] = weights.get((src, dst), 0.0) + w
+    for (src, dst), w in weights.items():
         if w > 0 and src in graph and dst in graph:
             graph.add_edge(src, dst, weight=float(w))
     _fractions(graph, max_in_edges)
@@ -192,7 +221,9 @@ class _Flows:
         self.a = Analysis(gm, tuple(t[:2] for t in inputs), SPECIAL)
         self.gm = gm
         self.units = {u.name: u for u in structure.units}
+        self.width = {u.name: u.unit_width for u in structure.units}
         self._origins()
+        self._mixers()
         self._run(inputs)
 
     # ------------------------------------------------------------------ dataflow
@@ -204,6 +235,15 @@ class _Flows:
             for n in a.nodes
             if n.op == "call_module" and str(n.target) in self.site
         }
+        for n in a.nodes:  # heads: the attention module is traced as qkv -> HeadCore -> proj
+            owner = str(n.target).rpartition(".")[0]
+            if (
+                n.op == "call_module"
+                and isinstance(a.module(n), HeadCore)
+                and owner in self.site
+                and self.units[owner].kind == "head"
+            ):
+                self.producer.setdefault(owner, n)
         producers = set(self.producer.values())
         self.mixed_in: dict[str, frozenset[str]] = {}
         aligned: dict[fx.Node, frozenset[str]] = {}
@@ -248,6 +288,51 @@ class _Flows:
             and a.has_channels(n.args[0])
         ]
 
+    def _mixers(self) -> None:
+        """Direct paths from a non-unit linear layer to unit layers that read it mixed.
+
+        A head's channels reach the residual stream only through the attention's output
+        projection (``proj``), which mixes them; the layers that read the stream (the
+        next ``fc1``, the next ``qkv``) then carry no channel of the head. For every such
+        *mixer* (a linear or convolution reader of aligned unit channels that is not a
+        unit layer), this records the nodes between it and the unit layers it reaches
+        without passing another unit's score site (``targets``), so that a unit's flow
+        into them can be measured by removing its part of the mixer's input.
+        """
+        a = self.a
+        producers = set(self.producer.values())
+        sites = set(self.site.values())
+        target_unit = {node: name for name, node in self.producer.items()}
+        self.mixer_paths: dict[fx.Node, tuple[list[fx.Node], list[fx.Node]]] = {}
+        for head in self.heads:
+            if not isinstance(a.rule.get(head), (ConvRule, LinearRule)):
+                continue
+            upstream = self.aligned[head.args[0]]  # type: ignore[index]
+            inside = {head}
+            order = [head]
+            targets = []
+            for n in a.nodes:
+                if n in inside or not any(i in inside for i in n.all_input_nodes):
+                    continue
+                if n in producers:
+                    # a layer that reads the mixer's own units aligned is measured there
+                    if target_unit[n] in self.site and not (
+                        upstream & self.aligned[n.args[0]]  # type: ignore[index]
+                    ):
+                        targets.append(n)
+                    continue
+                if n in sites or n.op == "output":
+                    continue  # other units' score sites keep their values: direct flows only
+                inside.add(n)
+                order.append(n)
+            if not targets:
+                continue
+            needed = set(targets)
+            for n in reversed(order):
+                if any(u in needed for u in n.users):
+                    needed.add(n)
+            self.mixer_paths[head] = ([n for n in order if n in needed], targets)
+
     # ------------------------------------------------------------------ measuring
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> None:
         a = self.a
@@ -258,13 +343,21 @@ class _Flows:
         external = {
             i for h, tail in tails.items() for n in tail for i in n.all_input_nodes if i not in tail
         }
+        for path, targets in self.mixer_paths.values():
+            inside = set(path)
+            external |= {i for n in path + targets for i in n.all_input_nodes if i not in inside}
+            external |= set(targets)
         self.external: dict[fx.Node, Any] = {}
         unit_of_site = {node: name for name, node in self.site.items()}
         producer_unit = {node: name for name, node in self.producer.items()}
         flows = self
 
         class Recorder(fx.Interpreter):
+            recording = True  # off for the replays of :meth:`_tail` and :meth:`_mixed_flows`
+
             def run_node(self, n: fx.Node) -> Any:
+                if not self.recording:
+                    return super().run_node(n)
                 if n in producer_unit:
                     flows._measure(producer_unit[n], n, self.env[n.args[0]])  # type: ignore[index]
                 if n in tails:
@@ -273,7 +366,8 @@ class _Flows:
                 if n in unit_of_site:
                     info = a.info[n]
                     dim = info.dim if info is not None else 1
-                    flows.site_mag[unit_of_site[n]] = _channel_mean_abs(out, dim)
+                    name = unit_of_site[n]
+                    flows.site_mag[name] = _unit_mean_abs(out, dim, flows.width[name])
                 if n in external:
                     flows.external[n] = out
                 return out
@@ -281,18 +375,32 @@ class _Flows:
         with torch.no_grad():
             self.recorder = Recorder(self.gm)
             logits = self.recorder.run(*inputs)
+        self.recorder.recording = False
         self.logits = logits
         self.probabilities = torch.softmax(logits.float(), -1).mean(0).cpu()
         self.logit_mean = logits.float().mean(0).cpu()
         self.tails = tails
 
+    def _channel_scores(self, unit: str, size: int) -> torch.Tensor | None:
+        """Scores of ``unit`` per channel (a head's score on each of its channels), or
+        ``None`` when ``unit`` does not have ``size`` channels."""
+        s, width = self.scores[unit], self.width[unit]
+        if s.shape[0] * width != size:
+            return None
+        return s.repeat_interleave(width) if width > 1 else s
+
     def _live(self, upstream: frozenset[str], size: int) -> torch.Tensor:
         live = torch.zeros(size, dtype=torch.bool)
         for u in upstream:
-            s = self.scores[u]
-            if s.shape[0] == size:
+            s = self._channel_scores(u, size)
+            if s is not None:
                 live |= s > 0
         return live
+
+    def _group(self, upstream: frozenset[str], size: int) -> int:
+        """Channels removed together: a unit's width when every writer has the same one."""
+        widths = {self.width[u] for u in upstream if self._channel_scores(u, size) is not None}
+        return widths.pop() if len(widths) == 1 else 1
 
     def _measure(self, unit: str, node: fx.Node, x: torch.Tensor) -> None:
         """Flow matrix ``F[j, c]`` of unit ``unit`` for kept ``j`` and live input ``c``."""
@@ -304,6 +412,7 @@ class _Flows:
             not upstream
             or info is None
             or not isinstance(rule, (ConvRule, LinearRule))
+            or self.width[unit] != 1
             or not len(kept)
         ):
             return
@@ -334,25 +443,62 @@ class _Flows:
 
     def _head_flows(
         self, classes: list[int]
-    ) -> list[tuple[frozenset[str], torch.Tensor, torch.Tensor, int]]:
-        """Per head: upstream units, live channels, ``D[c, t]`` (mean |change of logit
-        t|) and the number of channels."""
+    ) -> list[tuple[frozenset[str], torch.Tensor, dict[tuple[str, int], torch.Tensor], int]]:
+        """Per head: upstream units, the first channel of each live group of channels, and
+        per end node (``("logits", t)`` or a unit ``(B, j)`` reached through a mixer) the
+        mean |change| when that group of the head's input is zeroed; and the channel count."""
         out = []
         for head, tail in self.tails.items():
             x_node = head.args[0]
             info = self.a.info[x_node]  # type: ignore[index]
             assert info is not None
             upstream = self.aligned[x_node]  # type: ignore[index]
-            live = torch.nonzero(self._live(upstream, info.size)).flatten()
+            width = self._group(upstream, info.size)
+            live = self._live(upstream, info.size).view(-1, width).any(1)
+            groups = torch.nonzero(live).flatten()
             x = self.head_inputs[head]
             base = self._tail(head, tail, x)[:, classes]
-            deltas = torch.zeros(len(live), len(classes))
-            for k, c in enumerate(live.tolist()):
+            path, targets = self.mixer_paths.get(head, ([], []))
+            deltas: dict[tuple[str, int], torch.Tensor] = {
+                ("logits", t): torch.zeros(len(groups)) for t in classes
+            }
+            for k, g in enumerate(groups.tolist()):
                 occluded = x.clone()
-                occluded.narrow(info.dim, c * info.width, info.width).zero_()
+                occluded.narrow(info.dim, g * width * info.width, width * info.width).zero_()
                 changed = self._tail(head, tail, occluded)[:, classes]
-                deltas[k] = (changed - base).abs().float().mean(0).cpu()
-            out.append((upstream, live, deltas, info.size))
+                for m, t in enumerate(classes):
+                    deltas["logits", t][k] = float((changed - base)[:, m].abs().float().mean())
+                if targets:
+                    for (unit, j), d in self._mixed_flows(head, path, targets, occluded).items():
+                        deltas.setdefault((unit, j), torch.zeros(len(groups)))[k] = d
+            out.append((upstream, groups * width, deltas, info.size))
+        return out
+
+    def _mixed_flows(
+        self, head: fx.Node, path: list[fx.Node], targets: list[fx.Node], x: torch.Tensor
+    ) -> dict[tuple[str, int], float]:
+        """``s_j * mean |R^B_j(X^B) - R^B_j(X^B')|`` for every kept unit ``j`` of every
+        target ``B`` when the mixer ``head`` reads ``x`` (other score sites held fixed)."""
+        interp = self.recorder
+        saved = interp.env
+        interp.env = dict(self.external)
+        interp.env[head.args[0]] = x  # type: ignore[index]
+        out: dict[tuple[str, int], float] = {}
+        try:
+            with torch.no_grad():
+                for n in path:
+                    interp.env[n] = interp.run_node(n)
+                for b in targets:
+                    unit = next(name for name, node in self.producer.items() if node is b)
+                    info = self.a.info[b]
+                    dim = info.dim if info is not None else 1
+                    change = interp.run_node(b) - self.external[b]
+                    mag = _unit_mean_abs(change, dim, self.width[unit])
+                    s = self.scores[unit]
+                    for j in torch.nonzero(s > 0).flatten().tolist():
+                        out[unit, j] = float(s[j] * mag[j])
+        finally:
+            interp.env = saved
         return out
 
     def _tail(self, head: fx.Node, tail: list[fx.Node], x: torch.Tensor) -> torch.Tensor:
@@ -371,15 +517,20 @@ class _Flows:
         raise RuntimeError("the head does not reach the output")
 
     def _share(self, upstream: frozenset[str], c: int, size: int) -> dict[str, float]:
-        writers = [u for u in upstream if self.scores[u].shape[0] == size and self.scores[u][c] > 0]
-        mags = {u: float(self.site_mag[u][c]) for u in writers}
-        total = sum(mags.values())
+        """``rho_A(c)`` of every unit layer ``A`` that writes channel ``c`` (kept unit)."""
+        writers = {}
+        for u in upstream:
+            s = self._channel_scores(u, size)
+            if s is not None and s[c] > 0:
+                writers[u] = float(self.site_mag[u][c // self.width[u]])
+        total = sum(writers.values())
         if total <= 0:
             return {u: 1.0 / len(writers) for u in writers}
-        return {u: m / total for u, m in mags.items()}
+        return {u: m / total for u, m in writers.items()}
 
     def edges(self, classes: list[int]) -> list[tuple[tuple[str, int], tuple[str, int], float]]:
-        """All ``((A, c), (B, j), weight)`` edges, ``B == "logits"`` for logit edges."""
+        """All ``((A, a), (B, j), weight)`` edges, ``B == "logits"`` for logit edges; a
+        pair may repeat (its weights add up)."""
         out = []
         for unit, (kept, live, flow) in self.flow.items():
             node = self.producer[unit]
@@ -387,13 +538,15 @@ class _Flows:
             size = self.a.info[node.args[0]].size  # type: ignore[index, union-attr]
             for k, c in enumerate(live.tolist()):
                 for writer, share in self._share(upstream, c, size).items():
+                    a = c // self.width[writer]
                     for m, j in enumerate(kept.tolist()):
-                        out.append(((writer, c), (unit, j), float(flow[m, k]) * share))
-        for upstream, live, deltas, size in self._head_flows(classes):
-            for k, c in enumerate(live.tolist()):
+                        out.append(((writer, a), (unit, j), float(flow[m, k]) * share))
+        for upstream, firsts, deltas, size in self._head_flows(classes):
+            for k, c in enumerate(firsts.tolist()):
                 for writer, share in self._share(upstream, c, size).items():
-                    for m, t in enumerate(classes):
-                        out.append(((writer, c), ("logits", t), float(deltas[k, m]) * share))
+                    a = c // self.width[writer]
+                    for end, d in deltas.items():
+                        out.append(((writer, a), end, float(d[k]) * share))
         return out
 
 
@@ -407,8 +560,10 @@ def _descendants(node: fx.Node) -> list[fx.Node]:
     return order
 
 
-def _channel_mean_abs(t: torch.Tensor, dim: int) -> torch.Tensor:
-    return t.detach().abs().float().movedim(dim, 0).reshape(t.shape[dim], -1).mean(1).cpu()
+def _unit_mean_abs(t: torch.Tensor, dim: int, width: int = 1) -> torch.Tensor:
+    """Mean absolute value per unit of ``width`` consecutive channels of dimension ``dim``."""
+    flat = t.detach().abs().float().movedim(dim, 0).reshape(t.shape[dim], -1).mean(1)
+    return flat.view(-1, width).mean(1).cpu()
 
 
 def _conv_flows(

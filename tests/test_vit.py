@@ -644,20 +644,69 @@ def test_chain_graph_has_kept_heads_and_neurons_as_nodes(source):
         assert graph.out_degree(last.label(i)) > 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="chains.py measures flows per channel and does not map a head's head_dim "
-    "channels (unit_width > 1) to the head, so heads get no edges yet",
-)
 def test_chain_graph_connects_heads():
-    model = make_timm_vit(ViTSpec(depth=1, heads=2, head_dim=2))
+    model = make_timm_vit(ViTSpec(depth=2, heads=2, head_dim=2))
     x = images(4)
     structure = _discover(model, x)
     sub = subnetwork_from_mappings(
         model, structure, {u.name: torch.ones(u.size) for u in structure.units}, {}
     )
     graph = chain_graph(sub, x)
-    assert all(graph.out_degree(f"blocks.0.attn.{h}") > 0 for h in range(2))
+    fc1 = structure.unit("blocks.0.mlp.fc1").size
+    for h in range(2):
+        # a head feeds its block's MLP neurons (through proj and the residual stream) ...
+        succ = set(graph.successors(f"blocks.0.attn.{h}"))
+        assert {f"blocks.0.mlp.fc1.{j}" for j in range(fc1)} <= succ
+        # ... and receives flow from the previous block's neurons (through its qkv)
+        assert any(
+            p.startswith("blocks.0.mlp.fc1.") for p in graph.predecessors(f"blocks.1.attn.{h}")
+        )
+    for node in graph:
+        total = sum(d["fraction"] for _, _, d in graph.in_edges(node, data=True))
+        assert total == pytest.approx(1.0) or graph.in_degree(node) == 0
+
+
+def _fc1_responses(model: nn.Module, x: torch.Tensor, heads: torch.Tensor) -> torch.Tensor:
+    """``fc1`` output of block 0 of a timm ViT with head scores ``heads``, from parameters."""
+    pe = model.patch_embed.proj
+    t = F.conv2d(x, pe.weight, pe.bias, stride=pe.stride).flatten(2).transpose(1, 2)
+    t = torch.cat([model.cls_token.expand(x.shape[0], -1, -1), t], 1) + model.pos_embed
+    blk = model.blocks[0]
+    att = blk.attn
+    z = _heads_attention(_ln(t, blk.norm1), att.qkv.weight, att.qkv.bias, att.num_heads, heads)
+    t = t + F.linear(z, att.proj.weight, att.proj.bias)
+    return F.linear(_ln(t, blk.norm2), blk.mlp.fc1.weight, blk.mlp.fc1.bias)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_head_to_neuron_edge_weight_equals_an_independent_computation(seed):
+    """``w(head h -> fc1.j) = s_j * mean_{x,p} |R_j(X) - R_j(X without head h)|``: the part of
+    neuron ``j``'s response (its ``fc1`` output) that head ``h`` writes through ``proj``."""
+    model = make_timm_vit(ViTSpec(depth=1, heads=3, head_dim=2, seed=seed))
+    x = images(4, seed=seed)
+    structure = _discover(model, x)
+    gen = torch.Generator().manual_seed(seed)
+    importance = {u.name: torch.rand(u.size, generator=gen) + 0.2 for u in structure.units}
+    importance["patch_embed.proj"] = torch.ones(structure.unit("patch_embed.proj").size)
+    importance["blocks.0.attn"][1] = 0
+    importance["blocks.0.mlp.fc1"][::3] = 0
+    sub = subnetwork_from_mappings(model, structure, importance, {})
+    graph = chain_graph(sub, x)
+    heads, neurons = importance["blocks.0.attn"], importance["blocks.0.mlp.fc1"]
+    assert "blocks.0.attn.1" not in graph
+    with torch.no_grad():
+        base = _fc1_responses(model, x, heads)
+        for h in (0, 2):
+            removed = heads.clone()
+            removed[h] = 0
+            change = (base - _fc1_responses(model, x, removed)).abs().mean((0, 1))
+            for j in range(len(neurons)):
+                node = f"blocks.0.mlp.fc1.{j}"
+                if neurons[j] == 0:
+                    assert node not in graph
+                    continue
+                weight = graph.edges[f"blocks.0.attn.{h}", node]["weight"]
+                assert weight == pytest.approx(float(neurons[j] * change[j]), rel=1e-4)
 
 
 # ---------------------------------------------------------------------------- extraction
