@@ -29,9 +29,9 @@ import torch
 import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import nn
-from tqdm.auto import tqdm
 
 from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.progress import tqdm
 from captum_chains._utils.validation import (
     check_conv_rank,
     check_device,

@@ -235,7 +235,11 @@ def test_faithfulness_matches_one_removal_at_a_time_reference():
     result = faithfulness(sub, x, batch_size=12)  # 2 removals per forward pass
     small = faithfulness(sub, x, batch_size=1)  # one removal per pass
     cols = ["degradation", "drop", "kl", "agreement"]
-    np.testing.assert_allclose(result.table[cols].to_numpy(), small.table[cols].to_numpy(), 1e-6)
+    # batching changes the float32 reduction order: probabilities agree to ~float32 eps, and
+    # ``degradation`` (a difference of two probabilities) only to that absolute level
+    np.testing.assert_allclose(
+        result.table[cols].to_numpy(), small.table[cols].to_numpy(), rtol=1e-6, atol=1e-7
+    )
     p = probs(model, x)
     y = p.argmax(1)
     q = probs(reference(model, s1, s2), x)

@@ -134,7 +134,7 @@ def read_image(path: Path) -> torch.Tensor:
 
 def load_photos(files: Sequence[Path], console: Console) -> list[torch.Tensor]:
     """Read all image files, with a progress bar for long lists."""
-    from tqdm.auto import tqdm
+    from captum_chains._utils.progress import tqdm
 
     bar = tqdm(files, desc="images", disable=console.quiet or len(files) < 20, leave=False)
     return [read_image(p) for p in bar]

@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.progress import tqdm
 from captum_chains.interactions.players import Players, masked_batch
 from captum_chains.interactions.values import ValueFn
 

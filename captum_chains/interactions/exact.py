@@ -22,8 +22,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse as sp
 import torch
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.interactions.optimize import Problem, Solution
 
 _Z_CACHE: dict[int, sp.csc_matrix] = {}

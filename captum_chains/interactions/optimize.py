@@ -44,8 +44,8 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.interactions.transforms import and_interactions, or_interactions, zeta
 
 SOLVERS = ("pdhg", "adam", "sgd", "lp")

@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.interactions.optimize import (
     Problem,
     Solution,

@@ -24,8 +24,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.metrics._common import (
     ChainLike,

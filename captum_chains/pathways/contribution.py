@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.pathways._common import (
     TargetType,
     index_batch,

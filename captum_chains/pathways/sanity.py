@@ -40,8 +40,8 @@ import torch
 from scipy import stats
 from skimage.metrics import structural_similarity
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.pathways._common import (
     TargetType,
     format_additional_args,

@@ -29,8 +29,8 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from captum_chains._utils.progress import tqdm
 from captum_chains.config import ChainConfig
 from captum_chains.studies.evaluate import (
     RegionTables,

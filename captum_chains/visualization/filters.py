@@ -34,9 +34,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
-from tqdm.auto import tqdm
 
 from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.progress import tqdm
 from captum_chains.masking import apply_masks
 from captum_chains.units.base import UnitLayer
 from captum_chains.visualization._common import (
