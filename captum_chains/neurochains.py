@@ -376,9 +376,9 @@ class _Optimization:
             self._log("optimize", step, loss, kl, l1, gp, scores, alphas, use_gates, active)
             if progress:
                 bar.set_postfix(
-                    kl=f"{float(kl.mean()):.4f}",
-                    l1=f"{float(l1.mean()):.1f}",
-                    gate=f"{float(gp.mean()):.2f}",
+                    kl=f"{float(kl.detach().mean()):.4f}",
+                    l1=f"{float(l1.detach().mean()):.1f}",
+                    gate=f"{float(gp.detach().mean()):.2f}",
                     kept=int((scores.detach() >= cfg.score_threshold).sum(1).float().mean()),
                 )
             recent = [*recent[-cfg.early_stop_window :], loss.detach()]
@@ -442,7 +442,7 @@ class _Optimization:
                 "finetune", step, kl, kl, zeros.sum(1), zeros.sum(1), scores, None, False, needs
             )
             if progress:
-                bar.set_postfix(kl=f"{float(kl.mean()):.4f}")
+                bar.set_postfix(kl=f"{float(kl.detach().mean()):.4f}")
         bar.close()
         return scores.detach()
 

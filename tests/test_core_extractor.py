@@ -309,3 +309,19 @@ def test_autocast_runs_the_masked_forward_in_low_precision_and_keeps_float32_sta
     snapshot.assert_unchanged(model)
     with pytest.raises(ValueError, match="autocast"):
         ChainConfig(autocast="int8")
+
+
+def test_progress_bar_shows_the_loss_terms_without_warnings(capsys):
+    """The bar names KL, l1, gate penalty and kept units; reading them warns about nothing."""
+    import warnings
+
+    model = make_model("residual", 4, 3, depth=2)
+    x = make_inputs(6, seed=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ChainExtractor(model, steps=3, finetune_kl=0.0, finetune_steps=2).attribute(
+            x, progress=True
+        )
+    bar = capsys.readouterr().err
+    for term in ("kl=", "l1=", "gate=", "kept=", "fine-tune"):
+        assert term in bar
