@@ -108,7 +108,7 @@ def run_demo(
     seconds = time.perf_counter() - start
     print(chain.summary())
     numbers = fidelity_numbers(model, chain, inputs)
-    report = {
+    report: dict[str, Any] = {
         "kept_filters": chain.num_filters,
         "total_filters": chain.total_filters,
         "kept_percent": 100 * chain.num_filters / chain.total_filters,

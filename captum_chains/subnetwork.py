@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -76,7 +76,7 @@ class SubNetwork(nn.Module):
     @property
     def model(self) -> nn.Module:
         """The original model this sub-network masks."""
-        return self._model  # type: ignore[no-any-return]
+        return cast(nn.Module, self._model)  # set via object.__setattr__, never a buffer
 
     def mask_state(self) -> MaskState:
         """Scores of every unit layer and a closed (0) value for every closed gate."""

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import nn
@@ -86,6 +86,12 @@ def check_conv_rank(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             return
 
 
+@overload
+def format_target(target: None, n: int, num_classes: int) -> None: ...
+@overload
+def format_target(
+    target: int | tuple | torch.Tensor | list, n: int, num_classes: int
+) -> torch.Tensor: ...
 def format_target(target: TargetType, n: int, num_classes: int) -> torch.Tensor | None:
     """Turn a Captum-style target into a LongTensor ``[n]`` of class indices (or None).
 

@@ -240,13 +240,14 @@ def robustness(
     with frozen_eval(model, freeze=True):
         for attack in attacks:
             args = (y, extra, attack, float(epsilon), step, pgd_steps, bounds)
-            x_model = x_sub = None
-            if attack_on in ("each", "model"):
+            # attack_on was validated above; an attack on one network is used for both
+            if attack_on == "each":
                 x_model = _attack(model, x, *args)
-            if attack_on in ("each", "subnetwork"):
                 x_sub = _attack(sub, x, *args)
-            x_model = x_sub if x_model is None else x_model
-            x_sub = x_model if x_sub is None else x_sub
+            elif attack_on == "model":
+                x_model = x_sub = _attack(model, x, *args)
+            else:
+                x_model = x_sub = _attack(sub, x, *args)
             adversarial[attack] = (x_model, x_sub)
             frames.append(_rows(attack, x_model, x_sub, y, model, sub, extra, batch_size))
     import pandas as pd

@@ -11,7 +11,7 @@ naming it instead of an ``IndexError`` deep inside ``torch.gather``.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -29,7 +29,7 @@ def format_inputs(inputs: Tensor | tuple[Tensor, ...]) -> tuple[tuple[Tensor, ..
         The tuple and whether the user passed a tuple (Captum's ``_is_tuple``).
     """
     is_tuple = isinstance(inputs, tuple)
-    formatted = inputs if is_tuple else (inputs,)
+    formatted: tuple[Tensor, ...] = inputs if isinstance(inputs, tuple) else (inputs,)
     if not formatted:
         raise ValueError("inputs is an empty tuple; pass a tensor or a tuple of tensors")
     for i, tensor in enumerate(formatted):
@@ -122,7 +122,7 @@ def normalize_target(target: TargetType, batch: int) -> TargetType:
         if all(isinstance(t, int) and not isinstance(t, bool) for t in target):
             return torch.tensor(target, dtype=torch.long)
         if all(isinstance(t, tuple) for t in target):
-            return list(target)
+            return cast("list[tuple[int, ...]]", list(target))
         raise TypeError("a target list must hold only ints or only tuples of ints")
     raise TypeError(
         f"unsupported target type {type(target).__name__}; use None, an int, a tuple, "
@@ -135,7 +135,8 @@ def target_rows(target: TargetType, index: Tensor) -> TargetType:
     if isinstance(target, Tensor):
         return target[index.to(target.device)]
     if isinstance(target, list):
-        return [target[int(i)] for i in index]
+        # picking rows keeps the list's element type (ints or tuples)
+        return cast(TargetType, [target[int(i)] for i in index])
     return target
 
 
@@ -178,7 +179,8 @@ def select_output(output: Any, target: TargetType) -> Tensor:
         if idx.ndim == 0:
             return output[:, int(idx)]
         return output.gather(1, idx.reshape(batch, 1)).squeeze(1)
-    rows = [target] * batch if isinstance(target, tuple) else target
+    # a normalized target list holds tuples (normalize_target turns int lists into tensors)
+    rows = cast("list[tuple[int, ...]]", [target] * batch if isinstance(target, tuple) else target)
     picked = []
     for i, index in enumerate(rows):
         if len(index) != output.ndim - 1:

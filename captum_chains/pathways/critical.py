@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -102,7 +102,8 @@ class CriticalPathwaysResult:
 
     def kept_fraction(self) -> Tensor:
         """Fraction of all neurons kept, per example ``[batch]``."""
-        kept = sum(m.flatten(1).sum(1) for m in self.masks.values())
+        # masks holds one entry per site and the tracer finds at least one site
+        kept = cast(Tensor, sum(m.flatten(1).sum(1) for m in self.masks.values()))
         return kept.double() / self.total_neurons
 
     def layer_kept_fraction(self) -> dict[str, Tensor]:
@@ -139,7 +140,8 @@ class CriticalPathwaysResult:
         if isinstance(target, Tensor):
             target = target[idx.to(target.device)]
         elif isinstance(target, list):
-            target = [target[int(i)] for i in idx]
+            # picking rows keeps the list's element type (ints or tuples)
+            target = cast(TargetType, [target[int(i)] for i in idx])
         return CriticalPathwaysResult(
             sites=self.sites,
             contributions={k: v[idx.to(v.device)] for k, v in self.contributions.items()},

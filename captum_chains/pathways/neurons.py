@@ -51,6 +51,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import torch
@@ -257,7 +258,7 @@ def _activation_kind(func: Any, args: tuple, kwargs: dict) -> str | None:
 
 def _call_location() -> tuple[tuple[str, int] | None, str | None]:
     """The first frame of model code (outside torch and this file) above the call."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if code is _CALL_MODEL_CODE:

@@ -371,8 +371,8 @@ def evaluate_chain(
             attack_on=settings.attack_on,  # type: ignore[arg-type]
             batch_size=bs,
         )
-        for key, value in rb.summary().items():
-            row[f"robustness_{key}"] = value
+        for name, value in rb.summary().items():
+            row[f"robustness_{name}"] = value
         for attack, rows in rb.table.groupby("attack", sort=False):
             inputs_rows[f"{attack}_model_prob"] = rows["model_prob"].tolist()
             inputs_rows[f"{attack}_subnetwork_prob"] = rows["subnetwork_prob"].tolist()

@@ -207,7 +207,7 @@ def run_study(
             )
 
     store = StudyStore(out_dir, fmt=fmt)
-    manifest = {
+    manifest: dict[str, Any] = {
         "model": type(model).__name__,
         "fingerprint": architecture_fingerprint(model),
         "weights": weights_hash(model),

@@ -33,7 +33,7 @@ from torch import nn
 
 from captum_chains._utils.model_state import frozen_eval
 from captum_chains.units.adapters import ADAPTERS, INPUT_CHECKS, AdapterResult
-from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
+from captum_chains.units.base import GateSpec, HookPoint, ModelStructure, UnitLayer
 from captum_chains.units.trace import ModuleCall, Trace, trace_forward
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
@@ -204,7 +204,7 @@ def _conv_units(
     return units
 
 
-def _score_site(trace: Trace, conv: ModuleCall) -> tuple[str, str, int, tuple[int, ...]]:
+def _score_site(trace: Trace, conv: ModuleCall) -> tuple[str, HookPoint, int, tuple[int, ...]]:
     """Where a conv's filter scores act: after its norm (Eq. 3), else at its output."""
     assert conv.output_id is not None and conv.output_shape is not None
     consumers = trace.consumers(conv.output_id)
