@@ -150,3 +150,18 @@ def make_inputs(n: int = 4, size: int = 8, seed: int = 0) -> torch.Tensor:
 @pytest.fixture(params=FAMILIES)
 def family(request: pytest.FixtureRequest) -> str:
     return request.param
+
+
+def assert_open_masks_reproduce(model: nn.Module, structure, x: torch.Tensor) -> None:
+    """All scores 1 and all gates open leave the model's output bit-for-bit unchanged."""
+    from captum_chains.masking import MaskState, apply_masks
+
+    state = MaskState(
+        scores={u.name: torch.ones(u.size) for u in structure.units},
+        gates={g.name: torch.tensor(1.0) for g in structure.gates},
+    )
+    with torch.no_grad():
+        expected = model(x)
+        with apply_masks(model, structure, state):
+            got = model(x)
+    assert torch.equal(got, expected)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FAMILIES, make_inputs, make_model
+from conftest import FAMILIES, assert_open_masks_reproduce, make_inputs, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,15 +27,7 @@ def test_all_ones_and_open_gates_reproduce_the_model_exactly(family, seed, width
     model = make_model(family, width, seed)
     x = make_inputs(seed=seed)
     structure = _structure(model, x)
-    state = MaskState(
-        scores={u.name: torch.ones(u.size) for u in structure.units},
-        gates={g.name: torch.tensor(1.0) for g in structure.gates},
-    )
-    with torch.no_grad():
-        expected = model(x)
-        with apply_masks(model, structure, state):
-            got = model(x)
-    assert torch.equal(got, expected)
+    assert_open_masks_reproduce(model, structure, x)
 
 
 @given(family=families, seed=seeds, width=widths, data=st.data())

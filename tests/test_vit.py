@@ -19,6 +19,7 @@ import timm
 import torch
 import torch.nn.functional as F
 import torchvision
+from conftest import assert_open_masks_reproduce
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -326,14 +327,7 @@ def test_vit_b16_structure_at_a_small_image_size(source):
     assert len(structure.gates) == 24 and structure.total_units == 768 + 12 * (12 + 3072)
     layout = token_layout(model, x)
     assert (layout.num_tokens, layout.num_prefix_tokens, layout.grid) == (5, 1, (2, 2))
-    ones = MaskState(
-        scores={u.name: torch.ones(u.size) for u in structure.units},
-        gates={g.name: torch.tensor(1.0) for g in structure.gates},
-    )
-    with torch.no_grad():
-        expected = model(x)
-        with apply_masks(model, structure, ones):
-            assert torch.equal(model(x), expected)
+    assert_open_masks_reproduce(model, structure, x)
 
 
 @pytest.mark.parametrize(
@@ -364,14 +358,7 @@ def test_other_timm_transformers(name, kwargs, size):
     assert structure.family == "vit"
     assert {u.kind for u in structure.units} == {"channel", "head", "neuron"}
     assert all(g.kind == "branch" for g in structure.gates)
-    ones = MaskState(
-        scores={u.name: torch.ones(u.size) for u in structure.units},
-        gates={g.name: torch.tensor(1.0) for g in structure.gates},
-    )
-    with torch.no_grad():
-        expected = model(x)
-        with apply_masks(model, structure, ones):
-            assert torch.equal(model(x), expected)
+    assert_open_masks_reproduce(model, structure, x)
     # Swin reads its width from the residual stream's shape, which the export slices when
     # stream channels are removed (an export limitation, reported); score heads/neurons only
     kinds = ("head", "neuron") if "swin" in name else ("head", "neuron", "channel")
@@ -386,15 +373,7 @@ def test_all_ones_and_open_gates_reproduce_the_model_exactly(spec):
     model = make_timm_vit(spec)
     x = images(size=spec.img)
     structure = _discover(model, x)
-    state = MaskState(
-        scores={u.name: torch.ones(u.size) for u in structure.units},
-        gates={g.name: torch.tensor(1.0) for g in structure.gates},
-    )
-    with torch.no_grad():
-        expected = model(x)
-        with apply_masks(model, structure, state):
-            got = model(x)
-    assert torch.equal(got, expected)
+    assert_open_masks_reproduce(model, structure, x)
 
 
 @given(spec=vit_specs(), data=st.data())
