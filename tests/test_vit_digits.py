@@ -50,7 +50,8 @@ def test_digits_vit_chains_are_sparse_and_faithful(digits_vit):
         with torch.no_grad():
             p = model(x).softmax(1)
             q = chain.subnetwork(x).softmax(1)
-        assert float((q.argmax(1) == p.argmax(1)).float().mean()) >= 0.9
+        # at least 90 % agreement, counted in integers (18/20 as a float32 mean is < 0.9)
+        assert 10 * int((q.argmax(1) == p.argmax(1)).sum()) >= 9 * len(x)
         kl = float((p * (p.log() - q.log())).sum(1).mean())
         assert kl == pytest.approx(chain.kl, abs=1e-3)
         exported = chain.subnetwork.export(check_inputs=x)
