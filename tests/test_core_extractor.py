@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -313,8 +315,6 @@ def test_autocast_runs_the_masked_forward_in_low_precision_and_keeps_float32_sta
 
 def test_progress_bar_shows_the_loss_terms_without_warnings(capsys):
     """The bar names KL, l1, gate penalty and kept units; reading them warns about nothing."""
-    import warnings
-
     model = make_model("residual", 4, 3, depth=2)
     x = make_inputs(6, seed=3)
     with warnings.catch_warnings():
