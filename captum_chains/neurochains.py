@@ -373,13 +373,13 @@ class _Optimization:
                 if before is not None:
                     for p, b in zip(params, before):
                         p[frozen] = b
-            self._log("optimize", step, loss, kl, l1, gp, scores, alphas, use_gates, active)
+            means = self._log("optimize", step, loss, kl, l1, gp, scores, alphas, use_gates, active)
             if progress:
                 bar.set_postfix(
-                    kl=f"{float(kl.detach().mean()):.4f}",
-                    l1=f"{float(l1.detach().mean()):.1f}",
-                    gate=f"{float(gp.detach().mean()):.2f}",
-                    kept=int((scores.detach() >= cfg.score_threshold).sum(1).float().mean()),
+                    kl=f"{means['kl']:.4f}",
+                    l1=f"{means['l1']:.1f}",
+                    gate=f"{means['gate_penalty']:.2f}",
+                    kept=int(means["kept"]),
                 )
             recent = [*recent[-cfg.early_stop_window :], loss.detach()]
             if step + 1 >= max(cfg.early_stop_min_steps, cfg.early_stop_window + 1):
@@ -438,11 +438,11 @@ class _Optimization:
             with torch.no_grad():
                 scores.clamp_(min=0)
                 scores.copy_(torch.where(keep, scores, final))
-            self._log(
+            means = self._log(
                 "finetune", step, kl, kl, zeros.sum(1), zeros.sum(1), scores, None, False, needs
             )
             if progress:
-                bar.set_postfix(kl=f"{float(kl.detach().mean()):.4f}")
+                bar.set_postfix(kl=f"{means['kl']:.4f}")
         bar.close()
         return scores.detach()
 
@@ -459,7 +459,9 @@ class _Optimization:
         alphas: torch.Tensor | None,
         use_gates: bool,
         active: torch.Tensor,
-    ) -> None:
+    ) -> dict[str, float]:
+        """Append each active region's step to its history; return the means over regions
+        of ``kl``, ``l1``, ``gate_penalty`` and ``kept`` (for the progress bar)."""
         cfg = self.config
         with torch.no_grad():
             kept = (scores >= cfg.score_threshold).sum(1).tolist()
@@ -470,15 +472,8 @@ class _Optimization:
                 if use_gates and alphas is not None
                 else [len(self.structure.gates)] * self.k
             )
-            rows = zip(
-                loss.tolist(),
-                kl.tolist(),
-                l1.tolist(),
-                gp.tolist(),
-                kept,
-                open_gates,
-                active.tolist(),
-            )
+            kls, l1s, gps = kl.tolist(), l1.tolist(), gp.tolist()
+            rows = zip(loss.tolist(), kls, l1s, gps, kept, open_gates, active.tolist())
         now = time.perf_counter() - self.start
         for r, (lo, k, l1, g, kp, og, act) in enumerate(rows):
             if act:
@@ -495,6 +490,10 @@ class _Optimization:
                         "time": now,
                     }
                 )
+        return {
+            name: sum(values) / len(values)
+            for name, values in (("kl", kls), ("l1", l1s), ("gate_penalty", gps), ("kept", kept))
+        }
 
     def _chain(
         self,
