@@ -18,17 +18,53 @@ Subpackages: ``metrics`` (fidelity, faithfulness, stability, quotient, robustnes
 sub-networks), ``chains`` (filter -> filter graphs), ``data``/``pretrained``/``zoo``.
 """
 
-from captum_chains.chains import chain_graph, strongest_paths
-from captum_chains.config import FAMILY_PENALTIES, ChainConfig
-from captum_chains.export import ExportReport, export_subnetwork, verify
-from captum_chains.interactions import InteractionPrimitives, InteractionResult
-from captum_chains.neurochains import ChainExtractor
-from captum_chains.pathways import CriticalPathways, PathwayGradient
-from captum_chains.result import Chain
-from captum_chains.subnetwork import SubNetwork
-from captum_chains.units import GateSpec, ModelStructure, UnitLayer, discover
+from typing import TYPE_CHECKING
+
+from captum_chains._utils.lazy import attach
+
+if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
+    from captum_chains.chains import chain_graph, strongest_paths
+    from captum_chains.config import FAMILY_PENALTIES, ChainConfig
+    from captum_chains.export import ExportReport, export_subnetwork, verify
+    from captum_chains.interactions import InteractionPrimitives, InteractionResult
+    from captum_chains.neurochains import ChainExtractor
+    from captum_chains.pathways import CriticalPathways, PathwayGradient
+    from captum_chains.result import Chain
+    from captum_chains.subnetwork import SubNetwork
+    from captum_chains.units import GateSpec, ModelStructure, UnitLayer, discover
 
 __version__ = "0.1.0"
+
+# Nothing heavy is imported here: each name imports its module (and torch, timm, ...) on
+# first use, so ``import captum_chains`` and ``captum-chains --help`` start fast.
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "chains": ["chain_graph", "strongest_paths"],
+        "config": ["FAMILY_PENALTIES", "ChainConfig"],
+        "export": ["ExportReport", "export_subnetwork", "verify"],
+        "interactions": ["InteractionPrimitives", "InteractionResult"],
+        "neurochains": ["ChainExtractor"],
+        "pathways": ["CriticalPathways", "PathwayGradient"],
+        "result": ["Chain"],
+        "subnetwork": ["SubNetwork"],
+        "units": ["GateSpec", "ModelStructure", "UnitLayer", "discover"],
+    },
+    submodules=[
+        "cli",
+        "data",
+        "demo",
+        "export",
+        "interactions",
+        "metrics",
+        "pathways",
+        "pretrained",
+        "studies",
+        "units",
+        "visualization",
+        "zoo",
+    ],
+)
 
 __all__ = [
     "FAMILY_PENALTIES",

@@ -15,23 +15,51 @@ CANONICALIZERS, SITE_RESOLVERS, EXTENSIONS
     hooks; modules imported before the first export (``captum_chains.export.vit``).
 """
 
-from captum_chains.export.api import (
-    EXTENSIONS,
-    ExportedSubNetwork,
-    check_model,
-    export_subnetwork,
-    load_extensions,
+from typing import TYPE_CHECKING
+
+from captum_chains._utils.lazy import attach
+
+if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
+    from captum_chains.export.api import (
+        EXTENSIONS,
+        ExportedSubNetwork,
+        check_model,
+        export_subnetwork,
+        load_extensions,
+    )
+    from captum_chains.export.report import ExportReport, count_macs, count_parameters, verify
+    from captum_chains.export.rules import (
+        ChannelInfo,
+        Decline,
+        Rule,
+        register_function_rule,
+        register_method_rule,
+        register_module_rule,
+    )
+    from captum_chains.export.tracing import CANONICALIZERS, SITE_RESOLVERS, ExportError
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "api": [
+            "EXTENSIONS",
+            "ExportedSubNetwork",
+            "check_model",
+            "export_subnetwork",
+            "load_extensions",
+        ],
+        "report": ["ExportReport", "count_macs", "count_parameters", "verify"],
+        "rules": [
+            "ChannelInfo",
+            "Decline",
+            "Rule",
+            "register_function_rule",
+            "register_method_rule",
+            "register_module_rule",
+        ],
+        "tracing": ["CANONICALIZERS", "SITE_RESOLVERS", "ExportError"],
+    },
 )
-from captum_chains.export.report import ExportReport, count_macs, count_parameters, verify
-from captum_chains.export.rules import (
-    ChannelInfo,
-    Decline,
-    Rule,
-    register_function_rule,
-    register_method_rule,
-    register_module_rule,
-)
-from captum_chains.export.tracing import CANONICALIZERS, SITE_RESOLVERS, ExportError
 
 __all__ = [
     "CANONICALIZERS",

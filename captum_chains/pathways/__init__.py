@@ -14,40 +14,77 @@
 See ``docs/pathways.md`` for the method and its equations.
 """
 
-from captum_chains.pathways.contribution import integrated_contributions, taylor_contributions
-from captum_chains.pathways.critical import (
-    CONTRIBUTION_METHODS,
-    CriticalPathways,
-    CriticalPathwaysResult,
+from typing import TYPE_CHECKING
+
+from captum_chains._utils.lazy import attach
+
+if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
+    from captum_chains.pathways.contribution import integrated_contributions, taylor_contributions
+    from captum_chains.pathways.critical import (
+        CONTRIBUTION_METHODS,
+        CriticalPathways,
+        CriticalPathwaysResult,
+    )
+    from captum_chains.pathways.gradient import PathwayGradient, max_magnitude_channel
+    from captum_chains.pathways.neurons import (
+        ACTIVATION_KINDS,
+        DEFAULT_ACTIVATIONS,
+        ActivationTracer,
+        NeuronSite,
+        Producer,
+        discover_neurons,
+    )
+    from captum_chains.pathways.overlap import (
+        PathwayChainOverlap,
+        filters_on_pathway,
+        pathway_chain_overlap,
+    )
+    from captum_chains.pathways.perturbation import (
+        DEFAULT_FRACTIONS,
+        PerturbationCurves,
+        captum_scores,
+        perturbation_curves,
+        pixel_relevance,
+    )
+    from captum_chains.pathways.sanity import (
+        RandomizationResult,
+        cascading_randomization,
+        default_randomization_layers,
+        map_similarity,
+    )
+    from captum_chains.pathways.selection import kept_count, select_top_neurons
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "contribution": ["integrated_contributions", "taylor_contributions"],
+        "critical": ["CONTRIBUTION_METHODS", "CriticalPathways", "CriticalPathwaysResult"],
+        "gradient": ["PathwayGradient", "max_magnitude_channel"],
+        "neurons": [
+            "ACTIVATION_KINDS",
+            "DEFAULT_ACTIVATIONS",
+            "ActivationTracer",
+            "NeuronSite",
+            "Producer",
+            "discover_neurons",
+        ],
+        "overlap": ["PathwayChainOverlap", "filters_on_pathway", "pathway_chain_overlap"],
+        "perturbation": [
+            "DEFAULT_FRACTIONS",
+            "PerturbationCurves",
+            "captum_scores",
+            "perturbation_curves",
+            "pixel_relevance",
+        ],
+        "sanity": [
+            "RandomizationResult",
+            "cascading_randomization",
+            "default_randomization_layers",
+            "map_similarity",
+        ],
+        "selection": ["kept_count", "select_top_neurons"],
+    },
 )
-from captum_chains.pathways.gradient import PathwayGradient, max_magnitude_channel
-from captum_chains.pathways.neurons import (
-    ACTIVATION_KINDS,
-    DEFAULT_ACTIVATIONS,
-    ActivationTracer,
-    NeuronSite,
-    Producer,
-    discover_neurons,
-)
-from captum_chains.pathways.overlap import (
-    PathwayChainOverlap,
-    filters_on_pathway,
-    pathway_chain_overlap,
-)
-from captum_chains.pathways.perturbation import (
-    DEFAULT_FRACTIONS,
-    PerturbationCurves,
-    captum_scores,
-    perturbation_curves,
-    pixel_relevance,
-)
-from captum_chains.pathways.sanity import (
-    RandomizationResult,
-    cascading_randomization,
-    default_randomization_layers,
-    map_similarity,
-)
-from captum_chains.pathways.selection import kept_count, select_top_neurons
 
 __all__ = [
     "ACTIVATION_KINDS",

@@ -14,26 +14,57 @@ classifier and data set:
 * :func:`plot_study` - the paper's figures from the tables.
 """
 
-from captum_chains.studies.evaluate import (
-    METRICS,
-    RegionTables,
-    StudySettings,
-    evaluate_chain,
-    process_regions,
+from typing import TYPE_CHECKING
+
+from captum_chains._utils.lazy import attach
+
+if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
+    from captum_chains.studies.evaluate import (
+        METRICS,
+        RegionTables,
+        StudySettings,
+        evaluate_chain,
+        process_regions,
+    )
+    from captum_chains.studies.figures import (
+        FIGURES,
+        plot_faithfulness,
+        plot_quotient,
+        plot_robustness,
+        plot_size_vs_fidelity,
+        plot_stability,
+        plot_study,
+    )
+    from captum_chains.studies.regions import Region, as_regions, sample_regions
+    from captum_chains.studies.result import StudyResult, load_study
+    from captum_chains.studies.runner import run_study
+    from captum_chains.studies.storage import StudyStore
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "evaluate": [
+            "METRICS",
+            "RegionTables",
+            "StudySettings",
+            "evaluate_chain",
+            "process_regions",
+        ],
+        "figures": [
+            "FIGURES",
+            "plot_faithfulness",
+            "plot_quotient",
+            "plot_robustness",
+            "plot_size_vs_fidelity",
+            "plot_stability",
+            "plot_study",
+        ],
+        "regions": ["Region", "as_regions", "sample_regions"],
+        "result": ["StudyResult", "load_study"],
+        "runner": ["run_study"],
+        "storage": ["StudyStore"],
+    },
 )
-from captum_chains.studies.figures import (
-    FIGURES,
-    plot_faithfulness,
-    plot_quotient,
-    plot_robustness,
-    plot_size_vs_fidelity,
-    plot_stability,
-    plot_study,
-)
-from captum_chains.studies.regions import Region, as_regions, sample_regions
-from captum_chains.studies.result import StudyResult, load_study
-from captum_chains.studies.runner import run_study
-from captum_chains.studies.storage import StudyStore
 
 __all__ = [
     "FIGURES",

@@ -19,31 +19,64 @@ plot_firing, firing_maps
     Kept filters' maps in the original network vs the sub-network.
 """
 
-from captum_chains.visualization._common import rank_correlation, save_figure
-from captum_chains.visualization.architecture import plot_architecture
-from captum_chains.visualization.chain_graph import (
-    chain_graph_for,
-    plot_chain,
-    strongest_node_paths,
-    weight_graph,
-)
+from typing import TYPE_CHECKING
+
+from captum_chains._utils.lazy import attach
+
+# ``compare`` is both a function and its submodule's name: a lazy lookup would return the
+# module once anything imported ``visualization.compare`` directly, so import it now.
 from captum_chains.visualization.compare import Comparison, compare, compare_attributions
-from captum_chains.visualization.feature_maps import (
-    combine_maps,
-    gauss_norm,
-    plot_feature_maps,
-    smoe_layer_maps,
-    smoe_saliency,
-    smoe_scale,
+
+if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
+    from captum_chains.visualization._common import rank_correlation, save_figure
+    from captum_chains.visualization.architecture import plot_architecture
+    from captum_chains.visualization.chain_graph import (
+        chain_graph_for,
+        plot_chain,
+        strongest_node_paths,
+        weight_graph,
+    )
+    from captum_chains.visualization.feature_maps import (
+        combine_maps,
+        gauss_norm,
+        plot_feature_maps,
+        smoe_layer_maps,
+        smoe_saliency,
+        smoe_scale,
+    )
+    from captum_chains.visualization.filters import (
+        FilterPictures,
+        TopCrops,
+        activation_maximization,
+        plot_filters,
+        top_activating_crops,
+    )
+    from captum_chains.visualization.firing import firing_maps, map_correlation, plot_firing
+
+__getattr__, __dir__ = attach(
+    __name__,
+    {
+        "_common": ["rank_correlation", "save_figure"],
+        "architecture": ["plot_architecture"],
+        "chain_graph": ["chain_graph_for", "plot_chain", "strongest_node_paths", "weight_graph"],
+        "feature_maps": [
+            "combine_maps",
+            "gauss_norm",
+            "plot_feature_maps",
+            "smoe_layer_maps",
+            "smoe_saliency",
+            "smoe_scale",
+        ],
+        "filters": [
+            "FilterPictures",
+            "TopCrops",
+            "activation_maximization",
+            "plot_filters",
+            "top_activating_crops",
+        ],
+        "firing": ["firing_maps", "map_correlation", "plot_firing"],
+    },
 )
-from captum_chains.visualization.filters import (
-    FilterPictures,
-    TopCrops,
-    activation_maximization,
-    plot_filters,
-    top_activating_crops,
-)
-from captum_chains.visualization.firing import firing_maps, map_correlation, plot_firing
 
 __all__ = [
     "Comparison",
