@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, replace
+import math
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, Literal
 
 #: (lambda, lambda_g) per model family. "plain" (VGG) and "residual" (ResNet) are the
@@ -33,18 +34,25 @@ class ChainConfig:
     temperature : float
         T of the gate ``G = sigmoid(alpha / T)``.
     score_init, alpha_init : float
-        Initial scores (1) and gate parameters (0).
+        Initial scores (1) and gate parameters. ``alpha_init = 1`` starts every gate open
+        (``G = sigmoid(1 / 0.2) = 0.993``), so a gate closes only when the optimization
+        moves it below the threshold; the paper's ``alpha_init = 0`` starts every gate
+        *on* the threshold 0.5.
+    optimizer : {"proximal", "adam"}
+        ``"proximal"`` (default): :class:`~captum_chains.optim.ProximalAdam`, Adam steps on
+        the KL with the exact proximal step of the l1 term, so scores reach exactly zero and
+        the run converges to a stationary point of Eq. 8 in tens of steps. ``"adam"``: the
+        paper's Adam on the whole loss, scores clamped at 0 after each step.
     lr, steps : float, int
-        Adam learning rate and maximum number of steps of the main optimization.
+        Learning rate and maximum number of steps of the main optimization.
+    lr_final_fraction : float
+        The learning rate decays along a cosine from ``lr`` to ``lr * lr_final_fraction``
+        over ``steps`` (1: constant, the paper's schedule).
     early_stop_delta : float
         Stop when the loss changed by less than this over the last ``early_stop_window``
         steps (the paper: 0.02 between two steps)...
     early_stop_window : int
-        ...measured over this many steps. The l1 term's per-step change is
-        ``lambda * lr * num_units``, below 0.02 for models under ~600 units, so the
-        paper's one-step rule would stop small models before any score moved; a window
-        of 10 steps keeps the rule meaningful at every size (and is stricter than the
-        paper's on large models).
+        ...measured over this many steps (the paper: 1).
     early_stop_min_steps : int
         Never stop before this many steps.
     score_threshold : float
@@ -57,6 +65,9 @@ class ChainConfig:
         Adam settings of the fine-tuning (KL only, no penalties).
     use_gates : bool
         Optimize gates at all.
+    layer_gates : bool
+        Also gate single shape-preserving layers outside residual blocks (e.g. a depthwise
+        convolution); ``False`` gates residual blocks only (see docs/defaults.md).
     compile : bool or str
         Run the masked forward through ``torch.compile`` (``True``: the default inductor
         backend; a string: that backend, e.g. ``"aot_eager"``). If compilation fails the
@@ -73,22 +84,32 @@ class ChainConfig:
     gate_penalty_on: Literal["alpha", "gate"] = "alpha"
     temperature: float = 0.2
     score_init: float = 1.0
-    alpha_init: float = 0.0
-    lr: float = 0.005
-    steps: int = 300
-    early_stop_delta: float = 0.02
+    alpha_init: float = 1.0
+    optimizer: Literal["proximal", "adam"] = "proximal"
+    lr: float = 0.05
+    steps: int = 60
+    lr_final_fraction: float = 0.1
+    early_stop_delta: float = 0.01
     early_stop_window: int = 10
     early_stop_min_steps: int = 20
     score_threshold: float = 0.1
     gate_threshold: float = 0.5
     finetune_kl: float = 0.1
     finetune_lr: float = 0.01
-    finetune_steps: int = 50
+    finetune_steps: int = 20
     use_gates: bool = True
+    layer_gates: bool = False
     compile: bool | str = False
     autocast: Literal["bfloat16", "float16"] | None = None
 
     def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(
+                    f"ChainConfig.{f.name} must be a finite number, got {value}; pass a finite "
+                    "value (or None where the field allows it)"
+                )
         positive = {
             "temperature": self.temperature,
             "lr": self.lr,
@@ -118,10 +139,47 @@ class ChainConfig:
             raise ValueError(
                 f"ChainConfig.autocast must be None, 'bfloat16' or 'float16', got {self.autocast!r}"
             )
+        if self.optimizer not in ("proximal", "adam"):
+            raise ValueError(
+                f"ChainConfig.optimizer must be 'proximal' or 'adam', got {self.optimizer!r}"
+            )
+        if not 0 < self.lr_final_fraction <= 1:
+            raise ValueError(
+                "ChainConfig.lr_final_fraction must lie in (0, 1] (1: constant learning "
+                f"rate), got {self.lr_final_fraction}"
+            )
+        if not self.score_threshold >= 0:
+            raise ValueError(
+                f"ChainConfig.score_threshold must be >= 0, got {self.score_threshold}"
+            )
         if self.gate_penalty_on not in ("alpha", "gate"):
             raise ValueError(
                 f"gate_penalty_on must be 'alpha' or 'gate', got {self.gate_penalty_on!r}"
             )
+
+    @classmethod
+    def paper(cls, **changes: Any) -> ChainConfig:
+        """The paper's exact schedule, for reproduction.
+
+        Adam (lr 0.005) on the whole loss for at most 300 steps, stopping when the loss
+        changes by less than 0.02 between two steps, gates initialised on the threshold
+        (alpha 0) on every shape-preserving layer and block, and 50 fine-tuning steps at lr
+        0.01 when the thresholded KL exceeds 0.1. ``changes`` replace single fields.
+        """
+        paper = cls(
+            optimizer="adam",
+            lr=0.005,
+            steps=300,
+            lr_final_fraction=1.0,
+            early_stop_delta=0.02,
+            early_stop_window=1,
+            early_stop_min_steps=0,
+            alpha_init=0.0,
+            finetune_steps=50,
+            finetune_lr=0.01,
+            layer_gates=True,
+        )
+        return paper.replace(**changes) if changes else paper
 
     def penalties(self, family: str) -> tuple[float, float]:
         """lambda and lambda_g for a model family, honouring explicit values."""

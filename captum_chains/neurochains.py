@@ -20,9 +20,12 @@ runs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import itertools
+import math
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,6 +44,8 @@ from captum_chains._utils.validation import (
 from captum_chains.config import ChainConfig
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.objectives import gate_penalty, kl_divergence, l1_penalty
+from captum_chains.optim import ProximalAdam, cosine_schedule
+from captum_chains.path import ChainPath, FidelityTarget, PathPoint
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork
 from captum_chains.units.base import ModelStructure
@@ -104,6 +109,22 @@ class ChainExtractor(Attribution):
                 f"{err}. Check the input shape and preprocessing the model expects"
             ) from err
 
+    def _structure(
+        self,
+        items: tuple[torch.Tensor, ...],
+        additional_forward_args: Any,
+        layers: Sequence[str] | None,
+        gates: bool | Sequence[str],
+    ) -> ModelStructure:
+        """Discovered structure, without single-layer gates unless the config asks for them
+        (gates named explicitly in ``gates`` are always kept)."""
+        structure = self.discover(items, additional_forward_args, layers, gates)
+        if gates is True and not self.config.layer_gates:
+            kept = tuple(g for g in structure.gates if g.kind != "layer")
+            if len(kept) != len(structure.gates):
+                structure = dataclasses.replace(structure, gates=kept)
+        return structure
+
     def attribute(  # type: ignore[override]
         self,
         inputs: torch.Tensor | tuple[torch.Tensor, ...],
@@ -115,6 +136,8 @@ class ChainExtractor(Attribution):
         progress: bool = True,
         seed: int | None = None,
         keep_inputs: bool = True,
+        fidelity: FidelityTarget | float | Mapping[str, float] | None = None,
+        path_l1: Sequence[float] | None = None,
     ) -> Chain:
         """Extract the chain of ``model`` on one local region.
 
@@ -140,6 +163,15 @@ class ChainExtractor(Attribution):
             Seeds torch's RNG for the run (the optimization itself is deterministic).
         keep_inputs : bool
             Store ``inputs`` in the result (for graphs and figures).
+        fidelity : FidelityTarget, float or dict, optional
+            The fidelity the chain must keep on the region: a :class:`FidelityTarget`, a
+            minimum top-1 agreement (``fidelity=1.0``) or a dict of its fields. Given, the
+            extractor computes the sparsity-fidelity :meth:`path` around the family's
+            lambda and returns the sparsest chain on it that meets the target (fine-tuned
+            when its KL exceeds ``finetune_kl`` and the fine-tuned chain still meets it).
+            If no chain on the path meets it, the densest one is returned with a warning.
+        path_l1 : sequence of float, optional
+            The lambdas of that path (see :meth:`path`); default: the family's grid.
 
         Returns
         -------
@@ -147,6 +179,22 @@ class ChainExtractor(Attribution):
             Importance, gates, SubNetwork and history.
         """
         items = format_inputs(inputs)
+        if fidelity is not None:
+            target_spec = FidelityTarget.coerce(fidelity)
+            _, chain = self._path(
+                items,
+                target,
+                additional_forward_args,
+                layers=layers,
+                gates=gates,
+                progress=progress,
+                seed=seed,
+                keep_inputs=keep_inputs,
+                fidelity=target_spec,
+                l1=path_l1,
+            )
+            assert chain is not None
+            return chain
         return self.attribute_many(
             [items],
             target=None if target is None else [target],
@@ -157,6 +205,110 @@ class ChainExtractor(Attribution):
             seed=seed,
             keep_inputs=keep_inputs,
         )[0]
+
+    def path(
+        self,
+        inputs: torch.Tensor | tuple[torch.Tensor, ...],
+        target: int | list[int] | torch.Tensor | None = None,
+        additional_forward_args: Any = None,
+        *,
+        l1: Sequence[float] | None = None,
+        points: int = 8,
+        point_steps: int | None = None,
+        layers: Sequence[str] | None = None,
+        gates: bool | Sequence[str] = True,
+        progress: bool = True,
+        seed: int | None = None,
+        keep_inputs: bool = True,
+    ) -> ChainPath:
+        """The sparsity-fidelity path of one region: a chain per lambda, in one run.
+
+        The first lambda is solved from the start (``config.steps`` steps); every next,
+        larger lambda continues from the previous solution for ``point_steps`` steps with
+        the removed units and closed gates kept removed (nested chains). Each point's
+        thresholded sub-network is evaluated on the region (KL, top-1 agreement, mean
+        drop of the model's class); nothing is fine-tuned.
+
+        Parameters
+        ----------
+        inputs, target, additional_forward_args, layers, gates, progress, seed, keep_inputs
+            As in :meth:`attribute`.
+        l1 : sequence of float, optional
+            The lambdas, sorted increasingly; default ``points`` values spaced
+            geometrically from half to four times the family's (or the config's) lambda.
+        points : int
+            Number of default lambdas (ignored when ``l1`` is given).
+        point_steps : int, optional
+            Steps per point after the first; default ``max(4, config.steps // 8)``, so a
+            path of 8 points costs under twice one chain.
+
+        Returns
+        -------
+        ChainPath
+            The chains and their fidelity; ``.sparsest(fidelity)``, ``.plot()``,
+            ``.to_frame()``.
+        """
+        path, _ = self._path(
+            format_inputs(inputs),
+            target,
+            additional_forward_args,
+            l1=l1,
+            points=points,
+            point_steps=point_steps,
+            layers=layers,
+            gates=gates,
+            progress=progress,
+            seed=seed,
+            keep_inputs=keep_inputs,
+        )
+        return path
+
+    def _path(
+        self,
+        items: tuple[torch.Tensor, ...],
+        target: Any,
+        additional_forward_args: Any,
+        *,
+        l1: Sequence[float] | None = None,
+        points: int = 8,
+        point_steps: int | None = None,
+        layers: Sequence[str] | None = None,
+        gates: bool | Sequence[str] = True,
+        progress: bool = True,
+        seed: int | None = None,
+        keep_inputs: bool = True,
+        fidelity: FidelityTarget | None = None,
+    ) -> tuple[ChainPath, Chain | None]:
+        if seed is not None:
+            torch.manual_seed(seed)
+        structure = self._structure(items, additional_forward_args, layers, gates)
+        n = items[0].shape[0]
+        targets = None
+        if target is not None:
+            targets = format_target(target, n, structure.num_classes).to(items[0].device)
+        run = _Optimization(
+            self.model,
+            structure,
+            self.config,
+            items,
+            _format_additional(additional_forward_args),
+            1,
+            targets,
+        )
+        lambdas = _path_lambdas(l1, points, run.l1_weight)
+        steps = max(4, self.config.steps // 8) if point_steps is None else point_steps
+        if steps < 1:
+            raise ValueError(f"point_steps must be >= 1, got {steps}")
+        path = run.run_path(lambdas, steps, progress)
+        chosen = None
+        if fidelity is not None:
+            chosen = run.select(path, fidelity, progress)
+        if keep_inputs:
+            for point in path:
+                point.chain.inputs = items[0].detach()
+            if chosen is not None:
+                chosen.inputs = items[0].detach()
+        return path, chosen
 
     def attribute_many(
         self,
@@ -203,7 +355,7 @@ class ChainExtractor(Attribution):
             )
         if seed is not None:
             torch.manual_seed(seed)
-        structure = self.discover(region_items[0], additional_forward_args, layers, gates)
+        structure = self._structure(region_items[0], additional_forward_args, layers, gates)
         batch = tuple(torch.cat([r[i] for r in region_items]) for i in range(len(region_items[0])))
         n = region_items[0][0].shape[0]
         targets = None
@@ -233,6 +385,28 @@ def _compiled(model: nn.Module, option: bool | str) -> Callable[..., Any]:
         return model(*args)
 
     return torch.compile(forward, backend=backend)
+
+
+def _path_lambdas(l1: Sequence[float] | None, points: int, default: float) -> list[float]:
+    """The path's lambdas: given (checked increasing, finite, > 0) or a geometric grid."""
+    if l1 is None:
+        if isinstance(points, bool) or not isinstance(points, int) or points < 2:
+            raise ValueError(f"points must be an int >= 2, got {points!r}")
+        if not default > 0:
+            raise ValueError(
+                "the path needs a positive lambda to spread its grid around; pass l1=[...] "
+                "or a config with l1 > 0"
+            )
+        low, high = default / 2, default * 4
+        return [low * (high / low) ** (i / (points - 1)) for i in range(points)]
+    values = [float(v) for v in l1]
+    if len(values) < 1:
+        raise ValueError("l1 is empty; pass at least one lambda")
+    if any(not (math.isfinite(v) and v >= 0) for v in values):
+        raise ValueError(f"every lambda of the path must be a finite number >= 0, got {values}")
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"the path's lambdas must increase strictly, got {values}; sort them")
+    return values
 
 
 def _format_additional(args: Any) -> tuple[Any, ...]:
@@ -297,15 +471,18 @@ class _Optimization:
     ) -> torch.Tensor:
         self._state(scores, gates, state, hard)
         with self._autocast():
-            try:
-                logits = self.forward(*self.batch, *self.extra)
-            except Exception as err:
-                if self.forward is self.model:
-                    raise
-                warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
-                self.forward = self.model
-                logits = self.model(*self.batch, *self.extra)
+            logits = self._run_model()
         return kl_divergence(self.log_p, logits.float(), self.k, self.targets)
+
+    def _run_model(self) -> torch.Tensor:
+        try:
+            return self.forward(*self.batch, *self.extra)
+        except Exception as err:
+            if self.forward is self.model:
+                raise
+            warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
+            self.forward = self.model
+            return self.model(*self.batch, *self.extra)
 
     def _autocast(self) -> Any:
         """``torch.autocast`` in the configured dtype, or a no-op context."""
@@ -315,7 +492,17 @@ class _Optimization:
         return torch.autocast(self.device.type, dtype=getattr(torch, dtype))
 
     # -- phases -------------------------------------------------------------
-    def run(self, progress: bool) -> list[Chain]:
+    @contextlib.contextmanager
+    def masked(self) -> Iterator[MaskState]:
+        """The model with hooks reading a fresh :class:`MaskState`, inside ``with``."""
+        state = MaskState()
+        # BatchNorm folding swaps parameters inside hooks, which torch.compile would guard on
+        fold = not self.config.compile
+        with apply_masks(self.model, self.structure, state, freeze=True, fold_norms=fold):
+            yield state
+
+    def initial(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Initial scores ``[K, U]``, gate parameters ``[K, G]`` and whether gates are used."""
         cfg = self.config
         units, n_gates = self.structure.total_units, len(self.structure.gates)
         use_gates = cfg.use_gates and n_gates > 0
@@ -323,36 +510,193 @@ class _Optimization:
         alphas = torch.full(
             (self.k, n_gates), cfg.alpha_init, device=self.device, requires_grad=use_gates
         )
-        state = MaskState()
-        # BatchNorm folding swaps parameters inside hooks, which torch.compile would guard on
-        fold = not cfg.compile
-        with apply_masks(self.model, self.structure, state, freeze=True, fold_norms=fold):
-            self._optimize(state, scores, alphas, use_gates, progress)
-            final, gates_open, soft = self._threshold(scores.detach(), alphas.detach(), use_gates)
-            kl = self._hard_kl(state, final, gates_open)
-            needs = kl > cfg.finetune_kl
-            if needs.any() and cfg.finetune_steps > 0:
-                final = self._finetune(state, final, gates_open, needs, progress)
-                kl = self._hard_kl(state, final, gates_open)
+        return scores, alphas, use_gates
+
+    def run(self, progress: bool) -> list[Chain]:
+        """Optimize, threshold and (where needed) fine-tune every region's chain."""
+        scores, alphas, use_gates = self.initial()
+        with self.masked() as state:
+            self.optimize(state, scores, alphas, use_gates, progress)
+            final, gates_open, soft = self.threshold(scores.detach(), alphas.detach(), use_gates)
+            return self.finish(state, final, gates_open, soft, progress)
+
+    def finish(
+        self,
+        state: MaskState,
+        final: torch.Tensor,
+        gates_open: torch.Tensor,
+        soft: torch.Tensor,
+        progress: bool,
+    ) -> list[Chain]:
+        """Fine-tune thresholded scores whose KL exceeds ``finetune_kl``; build the chains."""
+        cfg = self.config
+        kl = self.hard_kl(state, final, gates_open)
+        needs = kl > cfg.finetune_kl
+        if needs.any() and cfg.finetune_steps > 0:
+            final = self._finetune(state, final, gates_open, needs, progress)
+            kl = self.hard_kl(state, final, gates_open)
         return [
             self._chain(r, final[r], gates_open[r], soft[r], float(kl[r]), bool(needs[r]))
             for r in range(self.k)
         ]
 
-    def _optimize(
+    def run_path(self, lambdas: Sequence[float], point_steps: int, progress: bool) -> ChainPath:
+        """Continuation over increasing lambda with nested supports (one region)."""
+        cfg = self.config
+        scores, alphas, use_gates = self.initial()
+        closed_alpha = cfg.temperature * math.log(cfg.gate_threshold / (1 - cfg.gate_threshold))
+        optimizer = None
+        support: torch.Tensor | None = None
+        closed = torch.zeros_like(alphas, dtype=torch.bool)
+        points = []
+        bar = tqdm(lambdas, desc="NeuroChains path", disable=not progress, leave=False)
+        with self.masked() as state:
+            for i, l1 in enumerate(bar):
+                self.l1_weight = float(l1)
+                optimizer = self.optimize(
+                    state,
+                    scores,
+                    alphas,
+                    use_gates,
+                    progress,
+                    steps=cfg.steps if i == 0 else point_steps,
+                    optimizer=optimizer,
+                    support=support,
+                    closed_gates=closed,
+                    desc=f"lambda={l1:.3g}",
+                )
+                final, gates_open, soft = self.threshold(
+                    scores.detach(), alphas.detach(), use_gates
+                )
+                points.append(self._point(state, final, gates_open, soft))
+                support = final > 0
+                closed = ~gates_open
+                with torch.no_grad():
+                    scores.mul_(support)
+                    alphas.copy_(torch.where(closed, alphas.clamp(max=closed_alpha), alphas))
+                bar.set_postfix(kept=points[-1].kept, agreement=f"{points[-1].agreement:.2f}")
+        bar.close()
+        return ChainPath(points)
+
+    def _point(
+        self, state: MaskState, final: torch.Tensor, gates_open: torch.Tensor, soft: torch.Tensor
+    ) -> PathPoint:
+        logits = self.hard_logits(state, final, gates_open)
+        kl, agreement, drop = self.fidelity(logits)
+        chain = self._chain(0, final[0], gates_open[0], soft[0], kl, False)
+        return PathPoint(
+            l1=self.l1_weight,
+            kept=chain.num_filters,
+            total=chain.total_filters,
+            kl=kl,
+            agreement=agreement,
+            mean_drop=drop,
+            open_gates=int(gates_open[0].sum()),
+            steps=sum(1 for row in self.histories[0] if row["phase"] == "optimize"),
+            inputs=int(logits.shape[0]),
+            chain=chain,
+        )
+
+    def fidelity(self, logits: torch.Tensor) -> tuple[float, float, float]:
+        """KL, top-1 agreement and mean drop of the class probability (one region)."""
+        kl = float(kl_divergence(self.log_p, logits, 1, self.targets)[0])
+        if self.targets is None:
+            classes = self.log_p.argmax(1)
+            agree = logits.argmax(1) == classes
+        else:
+            classes = self.targets
+            agree = logits.argmax(1) == classes
+        p = self.log_p.exp().gather(1, classes.view(-1, 1))
+        q = F.softmax(logits.float(), dim=1).gather(1, classes.view(-1, 1))
+        return kl, float(agree.float().mean()), float((p - q).mean())
+
+    def select(self, path: ChainPath, fidelity: FidelityTarget, progress: bool) -> Chain:
+        """The sparsest chain of ``path`` meeting ``fidelity``, fine-tuned when its KL
+        exceeds ``finetune_kl`` (kept only if the fine-tuned chain still meets it)."""
+        point = path.sparsest(fidelity)
+        if point is None:
+            point = path.points[0]
+            warnings.warn(
+                f"no chain on the path meets {fidelity}: the densest one (lambda "
+                f"{point.l1:.3g}, agreement {point.agreement:.2f}, KL {point.kl:.3f}, mean "
+                f"drop {point.mean_drop:.3f}) is returned; pass smaller lambdas "
+                "(path(l1=[...])) or a looser target",
+                stacklevel=3,
+            )
+            return point.chain
+        cfg = self.config
+        if point.kl <= cfg.finetune_kl or cfg.finetune_steps == 0:
+            return point.chain
+        sub = point.chain.subnetwork
+        final = sub.scores.detach().clone().view(1, -1).to(self.device)
+        gates_open = sub.gates_open.detach().clone().view(1, -1).to(self.device)
+        self.l1_weight = point.l1
+        with self.masked() as state:
+            tuned = self._finetune(
+                state,
+                final,
+                gates_open,
+                torch.ones(1, dtype=torch.bool, device=self.device),
+                progress,
+            )
+            logits = self.hard_logits(state, tuned, gates_open)
+        kl, agreement, drop = self.fidelity(logits)
+        candidate = dataclasses.replace(point, kl=kl, agreement=agreement, mean_drop=drop)
+        if not fidelity.met_by(candidate):
+            return point.chain
+        soft = torch.tensor([point.chain.gates[g.name] for g in self.structure.gates]).view(1, -1)
+        return self._chain(0, tuned[0], gates_open[0], soft[0], kl, True)
+
+    def _optimizer(
+        self, scores: torch.Tensor, alphas: torch.Tensor, use_gates: bool
+    ) -> torch.optim.Optimizer:
+        cfg = self.config
+        if cfg.optimizer == "adam":
+            return torch.optim.Adam([scores, alphas] if use_gates else [scores], lr=cfg.lr)
+        groups: list[dict[str, Any]] = [
+            {"params": [scores], "l1": self.l1_weight, "nonnegative": True}
+        ]
+        if use_gates:
+            groups.append({"params": [alphas], "l1": 0.0, "nonnegative": False})
+        return ProximalAdam(groups, lr=cfg.lr)
+
+    def optimize(
         self,
         state: MaskState,
         scores: torch.Tensor,
         alphas: torch.Tensor,
         use_gates: bool,
         progress: bool,
-    ) -> None:
+        *,
+        steps: int | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        support: torch.Tensor | None = None,
+        closed_gates: torch.Tensor | None = None,
+        desc: str = "NeuroChains",
+    ) -> torch.optim.Optimizer:
+        """Minimize Eq. 8 over ``scores`` and ``alphas`` in place; return the optimizer.
+
+        ``support`` (bool like ``scores``) pins the scores outside it to zero (the nested
+        supports of a regularization path); ``optimizer`` continues a previous run's
+        moments (warm start).
+        """
         cfg = self.config
-        params = [scores, alphas] if use_gates else [scores]
-        optimizer = torch.optim.Adam(params, lr=cfg.lr)
+        steps = cfg.steps if steps is None else steps
+        proximal = cfg.optimizer == "proximal"
+        if optimizer is None:
+            optimizer = self._optimizer(scores, alphas, use_gates)
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = cfg.lr
+                if group["params"][0] is scores and "l1" in group:
+                    group["l1"] = self.l1_weight
+        params = [p for g in optimizer.param_groups for p in g["params"]]
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(steps, cfg.lr_final_fraction)
+        )
         active = torch.ones(self.k, dtype=torch.bool, device=self.device)
         recent: list[torch.Tensor] = []
-        bar = tqdm(range(cfg.steps), desc="NeuroChains", disable=not progress, leave=False)
+        bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for step in bar:
             gates = torch.sigmoid(alphas / cfg.temperature) if use_gates else None
             kl = self._forward_kl(state, scores, gates)
@@ -364,12 +708,22 @@ class _Optimization:
             )
             loss = kl + self.l1_weight * l1 + self.gate_weight * gp
             optimizer.zero_grad(set_to_none=True)
-            loss.sum().backward()
+            # the proximal step applies the l1 term itself: differentiate the smooth part
+            smooth = kl + self.gate_weight * gp if proximal else loss
+            smooth.sum().backward()
             frozen = (~active).nonzero().flatten()
             before = [p.detach()[frozen].clone() for p in params] if len(frozen) else None
             optimizer.step()
+            schedule.step()
             with torch.no_grad():
                 scores.clamp_(min=0)
+                if support is not None:
+                    scores.mul_(support)
+                if closed_gates is not None and closed_gates.any():
+                    limit = cfg.temperature * math.log(
+                        cfg.gate_threshold / (1 - cfg.gate_threshold)
+                    )
+                    alphas.copy_(torch.where(closed_gates, alphas.clamp(max=limit), alphas))
                 if before is not None:
                     for p, b in zip(params, before):
                         p[frozen] = b
@@ -387,10 +741,15 @@ class _Optimization:
             if not active.any():
                 break
         bar.close()
+        return optimizer
 
-    def _threshold(
+    def threshold(
         self, scores: torch.Tensor, alphas: torch.Tensor, use_gates: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Eq. 4: scores below tau and units of closed gates become 0.
+
+        Returns the final scores, the open gates (bool) and the soft gate values.
+        """
         cfg = self.config
         soft = torch.sigmoid(alphas / cfg.temperature) if use_gates else torch.ones_like(alphas)
         gates_open = soft >= cfg.gate_threshold
@@ -407,9 +766,19 @@ class _Optimization:
             return None
         return gates_open.float()
 
-    def _hard_kl(
+    def hard_logits(
         self, state: MaskState, final: torch.Tensor, gates_open: torch.Tensor
     ) -> torch.Tensor:
+        """Logits of the thresholded network(s) on the batch."""
+        with torch.no_grad():
+            self._state(final, self._hard_gates(gates_open), state, hard=True)
+            with self._autocast():
+                return self._run_model().float()
+
+    def hard_kl(
+        self, state: MaskState, final: torch.Tensor, gates_open: torch.Tensor
+    ) -> torch.Tensor:
+        """KL of the thresholded network(s), one value per region."""
         with torch.no_grad():
             return self._forward_kl(state, final, self._hard_gates(gates_open), hard=True)
 
@@ -510,7 +879,7 @@ class _Optimization:
             importance=subnetwork.importance,
             gates={g.name: float(v) for g, v in zip(self.structure.gates, soft.tolist())},
             subnetwork=subnetwork,
-            history=self.histories[region],
+            history=list(self.histories[region]),
             structure=self.structure,
             config=self.config.replace(l1=l1, gate_penalty=lg),
             kl=kl,
