@@ -170,3 +170,31 @@ def test_missing_optional_dependency_in_a_lazy_name_names_the_extra():
     ).stdout
     assert "MissingDependencyError" in out
     assert "captum-chains[viz]" in out
+
+
+def test_run_study_checks_its_parquet_engine_before_computing(tmp_path, monkeypatch):
+    import importlib.util
+
+    import torch
+    from torch import nn
+
+    import captum_chains.studies.runner as runner
+    from captum_chains.studies import Region, run_study
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "pyarrow" else real_find_spec(name, *a),
+    )
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("computed a region before checking the Parquet engine")
+
+    monkeypatch.setattr(runner, "process_regions", must_not_run)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.LazyLinear(3))
+    model(torch.zeros(1, 1, 6, 6))
+    region = Region("r", torch.randn(4, 1, 6, 6), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(MissingDependencyError, match=r"pyarrow.*captum-chains\[studies\]"):
+        run_study(model, [region], tmp_path / "s", metrics=("fidelity",), progress=False)
+    assert not (tmp_path / "s").exists()

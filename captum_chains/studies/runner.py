@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from captum_chains._utils.optional import check
 from captum_chains._utils.progress import tqdm
 from captum_chains.config import ChainConfig
 from captum_chains.studies.evaluate import (
@@ -206,6 +207,10 @@ def run_study(
                 "the pool"
             )
 
+    # the table libraries are checked now, not when the first finished region is written
+    check("pandas", purpose="run_study (its tables)")
+    if fmt == "parquet":
+        check("pyarrow", purpose="run_study(fmt='parquet') (or pass fmt='csv')")
     store = StudyStore(out_dir, fmt=fmt)
     manifest: dict[str, Any] = {
         "model": type(model).__name__,
