@@ -105,6 +105,17 @@ class Chain:
 
         return strongest_paths(self.graph(inputs), k)
 
+    def report(self, path: str | Path, **kwargs: Any) -> Path:
+        """Write one self-contained HTML page about the chain (needs the ``viz`` extra).
+
+        Summary and fidelity, architecture with scores, chain graph with the strongest
+        paths, SMOE maps, filter pictures, firing, and Integrated Gradients / Grad-CAM side
+        by side; see :func:`captum_chains.report.chain_report` for the options.
+        """
+        from captum_chains.report import chain_report
+
+        return chain_report(self, path, **kwargs)
+
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> Path:
         """Write the whole chain to a folder: safetensors for tensors, JSON for the rest.
