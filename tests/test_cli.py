@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from captum_chains import ChainExtractor
+from captum_chains import Chain, ChainExtractor
 from captum_chains.cli import main
 from captum_chains.cli.commands import parse_target
 from captum_chains.cli.images import Preprocessing, read_image
@@ -31,7 +31,7 @@ from captum_chains.subnetwork import SubNetwork
 from captum_chains.zoo import build_digits_model, load_digits_data
 
 STEPS = "20"
-COMMANDS = ("extract", "show", "export", "evaluate", "study", "demo")
+COMMANDS = ("extract", "show", "report", "export", "evaluate", "study", "demo")
 
 
 def _command() -> list[str]:
@@ -141,7 +141,7 @@ def _vgg(work: Path) -> torch.nn.Module:
 def _region(chain_dir: Path) -> torch.Tensor:
     from safetensors.torch import load_file
 
-    return load_file(str(chain_dir / "region.safetensors"))["inputs"]
+    return load_file(str(chain_dir / "chain.safetensors"))["inputs"]
 
 
 # ----------------------------------------------------------------------------- extract
@@ -156,11 +156,16 @@ def test_extract_writes_a_consistent_chain_folder(work: Path, chain_dir: Path) -
         "architecture.png",
         "history.csv",
         "fidelity.csv",
-        "region.safetensors",
+        "chain.json",
+        "chain.safetensors",
     ):
         assert (chain_dir / name).is_file(), name
     model = _vgg(work)
     sub = SubNetwork.load(chain_dir / "subnetwork.safetensors", model)
+    chain = Chain.load(chain_dir, model)  # the folder is a Chain.save folder plus extras
+    assert torch.equal(chain.subnetwork.scores, sub.scores)
+    assert torch.equal(chain.inputs, _region(chain_dir))
+    assert len(chain.history) == len((chain_dir / "history.csv").read_text().splitlines()) - 1
     summary = json.loads((chain_dir / "summary.json").read_text())
     importance = json.loads((chain_dir / "importance.json").read_text())
     assert summary["kept_filters"] == sub.num_filters == int((sub.scores > 0).sum())
@@ -193,6 +198,20 @@ def test_extract_equals_the_library_call(work: Path, chain_dir: Path) -> None:
     assert summary["kl"] == pytest.approx(chain.kl, rel=1e-4, abs=1e-7)
 
 
+def test_report_writes_one_self_contained_page(
+    work: Path, followups: dict[str, subprocess.CompletedProcess]
+) -> None:
+    result = followups["report"]
+    assert result.returncode == 0, result.stderr
+    page = work / "report" / "chain.html"
+    assert f"wrote {page.name}" in result.stdout or "wrote report" in result.stdout
+    text = page.read_text()
+    assert "<title>digits VGG</title>" in text
+    assert "could not be drawn" not in text
+    assert text.count('<img src="data:image/png;base64,') >= 7
+    assert "<script" not in text
+
+
 def test_png_inputs_match_the_digits_normalization(work: Path, chain_dir: Path) -> None:
     expected = _digit_images(work / "again", 4)
     torch.testing.assert_close(_region(chain_dir), expected, rtol=0, atol=1e-5)
@@ -219,6 +238,10 @@ def followups(work: Path, chain_dir: Path) -> dict[str, subprocess.CompletedProc
                 *("--out", "seeded", "--quiet"),
             ],
             "help": ["--help"],
+            "report": [
+                *("report", "chain", "--output", "report/chain.html", "--max-inputs", "1"),
+                *("--max-filters", "1", "--filter-steps", "4", "--title", "digits VGG", "-q"),
+            ],
             "missing_folder": ["extract", "--model", "digits_vgg", "--images", "nowhere"],
             "unreadable_image": [
                 *("extract", "--model", "digits_vgg", "--weights", "vgg.pt"),
@@ -315,7 +338,22 @@ def _main(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 @pytest.mark.parametrize(
     ("argv", "phrases"),
     [
-        (["extract", "--model", "resnet18", "--images", "{images}"], ("no offline weights",)),
+        (
+            ["extract", "--model", "torchvision:resnet18", "--images", "{images}"],
+            ("no offline weights",),
+        ),
+        (
+            [
+                "extract",
+                "--model",
+                "resnet18",
+                "--weights",
+                "{work}/vgg.pt",
+                "--images",
+                "{images}",
+            ],
+            ("timm:resnet18", "torchvision:resnet18"),
+        ),
         (["extract", "--model", "{work}/vgg.pt", "--images", "{images}"], ("--arch",)),
         (
             [

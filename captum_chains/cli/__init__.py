@@ -7,6 +7,8 @@ Commands
     glob of images, written to a *chain folder*.
 ``show``
     Reload a chain folder (model and sub-network) and print its summary.
+``report``
+    One self-contained HTML page about a chain folder (:meth:`Chain.report`).
 ``export``
     The chain as a standalone, physically smaller network: a ``torch.export`` program
     (``.pt2``) or ONNX.
@@ -18,11 +20,11 @@ Commands
     The README's demo: EfficientNet-Lite0 on real photos (:func:`captum_chains.demo.run_demo`).
 
 A chain folder holds ``model.json`` (how to rebuild the model: its name, weights file,
-a hash of its weights and the input preprocessing), ``subnetwork.safetensors``
-(:meth:`SubNetwork.save`), ``importance.json`` (scores per layer, soft gate values),
+a hash of its weights and the input preprocessing), the files of :meth:`Chain.save`
+(``chain.json``, ``chain.safetensors`` with the importance and the preprocessed region's
+inputs, ``subnetwork.safetensors``), ``importance.json`` (scores per layer, soft gate values),
 ``summary.json`` and ``summary.txt``, ``layer_scores.png`` and ``architecture.png``,
-``history.csv`` (one row per optimization step), ``fidelity.csv`` (per input) and
-``region.safetensors`` (the preprocessed inputs).
+``history.csv`` (one row per optimization step) and ``fidelity.csv`` (per input).
 
 Models are never downloaded. ``efficientnet_lite0`` loads the offline ImageNet weights
 (:func:`captum_chains.pretrained.load_efficientnet_lite0`); ``digits_vgg``,
@@ -43,6 +45,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+from captum_chains._utils.optional import MissingDependencyError
 from captum_chains.cli.images import Preprocessing, find_images, read_image
 from captum_chains.cli.models import ModelSpec, build_model, resolve_model
 from captum_chains.cli.output import CLIError, Console, one_line
@@ -62,6 +65,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except CLIError as err:
         message = str(err)
     except ValueError as err:  # the library's errors for bad input name the value and the fix
+        message = str(err)
+    except MissingDependencyError as err:  # names the extra to install
         message = str(err)
     except OSError as err:  # unwritable output folder, full disk, ...
         message = f"{err.strerror or err}: {err.filename}" if err.filename else str(err)

@@ -12,11 +12,13 @@ from typing import TYPE_CHECKING, Any
 
 from captum_chains.cli.exporting import SUFFIXES, save_onnx, save_program
 from captum_chains.cli.folder import (
+    REPORT_FILE,
     fidelity_line,
     fidelity_summary,
     load_chain,
     read_json,
     write_chain,
+    write_csv,
 )
 from captum_chains.cli.images import Preprocessing, find_images, load_photos
 from captum_chains.cli.models import (
@@ -120,7 +122,7 @@ def cmd_extract(args: argparse.Namespace, console: Console) -> int:
         seed=args.seed,
     )
     seconds = time.perf_counter() - start
-    numbers, frame = fidelity_summary(chain.subnetwork, inputs, args.batch_size)
+    numbers, rows = fidelity_summary(chain.subnetwork, inputs, args.batch_size)
     with torch.no_grad():
         predicted = model(inputs).argmax(1).tolist()
     summary = {
@@ -146,7 +148,7 @@ def cmd_extract(args: argparse.Namespace, console: Console) -> int:
         "device": str(device),
         "config": chain.config.to_dict(),
     }
-    write_chain(out, spec, chain, summary, inputs, frame)
+    write_chain(out, spec, chain, summary, inputs, rows)
     text = chain.summary() + "\n" + fidelity_line(numbers)
     if not console.quiet:
         print(text)
@@ -227,11 +229,11 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
         if region is None:
             raise CLIError(f"{args.dir} stores no region; pass --images")
         inputs, where = region, f"the chain's region ({region.shape[0]} inputs)"
-    numbers, frame = fidelity_summary(loaded.subnetwork, inputs, args.batch_size)
+    numbers, rows = fidelity_summary(loaded.subnetwork, inputs, args.batch_size)
     out = Path(args.out) if args.out else loaded.folder / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps({"inputs": where, **numbers}, indent=2))
-    frame.to_csv(out / "fidelity.csv", index=False)
+    write_csv(out / "fidelity.csv", rows)
     print(f"fidelity on {where}:")
     for key, value in numbers.items():
         print(f"  {key:<12} {value:.4f}")
@@ -310,4 +312,46 @@ def cmd_demo(args: argparse.Namespace, console: Console) -> int:
     from captum_chains.demo import run_demo
 
     run_demo(args.out, n=args.n_crops, steps=args.steps, seed=args.seed, progress=not console.quiet)
+    return 0
+
+
+def cmd_report(args: argparse.Namespace, console: Console) -> int:
+    import torch
+
+    loaded = load_chain(args, console)
+    if loaded.chain is None:
+        raise CLIError(
+            f"{args.dir} was written by an older captum-chains (no chain.json); extract the "
+            "chain again to write a report"
+        )
+    out = Path(args.output) if args.output else loaded.folder / REPORT_FILE
+    prep = loaded.spec.preprocessing
+    denormalize = None
+    if prep is not None and prep.channels in (1, 3):
+        mean = torch.tensor(prep.mean, device=loaded.device).reshape(1, -1, 1, 1)
+        std = torch.tensor(prep.std, device=loaded.device).reshape(1, -1, 1, 1)
+
+        def denormalize(x: torch.Tensor) -> torch.Tensor:
+            return (x * std.to(x.device) + mean.to(x.device)).clamp(0, 1)
+
+    summary_path = loaded.folder / "summary.json"
+    summary = read_json(summary_path) if summary_path.is_file() else {}
+    info = {"model name": loaded.spec.name}
+    if summary.get("images"):
+        info["images"] = ", ".join(Path(p).name for p in summary["images"][:8])
+    if summary.get("target") is not None:
+        info["target"] = summary["target"]
+    categories = categories_for(loaded.chain.structure.num_classes)
+    console.info("drawing the report (activation maximization takes a while)")
+    path = loaded.chain.report(
+        out,
+        title=args.title or f"Chain of {loaded.spec.name}",
+        max_inputs=args.max_inputs,
+        max_filters=args.max_filters,
+        filter_steps=args.filter_steps,
+        denormalize=denormalize,
+        class_names=categories,
+        info=info,
+    )
+    print(f"wrote {path}")
     return 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import csv
+import dataclasses
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -23,9 +25,11 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from captum_chains.result import Chain
     from captum_chains.subnetwork import SubNetwork
 
 CHAIN_FILES = ("model.json", "subnetwork.safetensors")
+REPORT_FILE = "report.html"
 
 
 def read_json(path: Path) -> Any:
@@ -51,15 +55,22 @@ def chain_folder(path: str) -> Path:
 
 @dataclass
 class LoadedChain:
-    """A chain folder reloaded: the rebuilt model and its SubNetwork."""
+    """A chain folder reloaded: the rebuilt model, its SubNetwork and the whole Chain.
+
+    ``chain`` is ``None`` for folders written before :meth:`Chain.save` existed (a
+    SubNetwork file and ``region.safetensors`` only).
+    """
 
     folder: Path
     spec: ModelSpec
     model: nn.Module
     subnetwork: SubNetwork
     device: torch.device
+    chain: Chain | None = None
 
     def region(self) -> torch.Tensor | None:
+        if self.chain is not None:
+            return self.chain.inputs
         path = self.folder / "region.safetensors"
         if not path.is_file():
             return None
@@ -69,7 +80,8 @@ class LoadedChain:
 
 
 def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
-    """Rebuild the model of a chain folder (or the ``--model`` override) and its SubNetwork."""
+    """Rebuild the model of a chain folder (or the ``--model`` override) and its Chain."""
+    from captum_chains.result import CHAIN_JSON, Chain
     from captum_chains.subnetwork import SubNetwork
 
     folder = chain_folder(args.dir)
@@ -88,8 +100,13 @@ def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
     device = parse_device(args.device)
     console.info(f"loading {spec.name}")
     model = build_model(spec, console).to(device)
+    chain = None
     try:
-        subnetwork = SubNetwork.load(folder / "subnetwork.safetensors", model)
+        if (folder / CHAIN_JSON).is_file():
+            chain = Chain.load(folder, model, device)
+            subnetwork = chain.subnetwork
+        else:
+            subnetwork = SubNetwork.load(folder / "subnetwork.safetensors", model)
     except ValueError as err:
         raise CLIError(f"the chain in {folder} does not match model {spec.name}: {err}") from err
     found = weights_hash(model)
@@ -98,15 +115,35 @@ def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
             f"the chain in {folder} was extracted on other weights of {spec.name} (weights hash "
             f"{stored_hash}, this model has {found}); pass the original weights with --weights"
         )
-    return LoadedChain(folder, spec, model, subnetwork, device)
+    return LoadedChain(folder, spec, model, subnetwork, device, chain)
 
 
-def fidelity_summary(subnetwork: SubNetwork, inputs: torch.Tensor, batch_size: int) -> Any:
-    """Averages and per-input table of :func:`captum_chains.metrics.fidelity`."""
+def fidelity_summary(
+    subnetwork: SubNetwork, inputs: torch.Tensor, batch_size: int
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Averages and per-input rows of :func:`captum_chains.metrics.fidelity`."""
+    import torch
+
     from captum_chains.metrics import fidelity
 
     result = fidelity(subnetwork, inputs, batch_size=batch_size)
-    return result.summary(), result.to_frame()
+    columns = {
+        f.name: getattr(result, f.name).tolist()
+        for f in dataclasses.fields(result)
+        if isinstance(getattr(result, f.name), torch.Tensor)
+        and getattr(result, f.name).shape == (inputs.shape[0],)
+    }
+    rows = [dict(zip(columns, values)) for values in zip(*columns.values())]
+    return result.summary(), rows
+
+
+def write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    """Rows (dicts, keys in first-seen order) as a CSV file; no pandas needed."""
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def fidelity_line(numbers: Mapping[str, float]) -> str:
@@ -119,19 +156,19 @@ def fidelity_line(numbers: Mapping[str, float]) -> str:
 def write_chain(
     out: Path,
     spec: ModelSpec,
-    chain: Any,
+    chain: Chain,
     summary: dict[str, Any],
     inputs: torch.Tensor,
-    frame: Any,
+    rows: list[dict[str, Any]],
 ) -> None:
-    from safetensors.torch import save_file
-
+    """The chain folder: :meth:`Chain.save` plus the model description and readable files."""
     from captum_chains.demo import plot_layer_scores
     from captum_chains.visualization import plot_architecture, save_figure
 
-    out.mkdir(parents=True, exist_ok=True)
+    if chain.inputs is None:
+        chain = dataclasses.replace(chain, inputs=inputs)
+    chain.save(out)  # chain.json, chain.safetensors, subnetwork.safetensors
     (out / "model.json").write_text(spec.to_json())
-    chain.subnetwork.save(out / "subnetwork.safetensors")
     importance = {
         "layers": {n: [round(float(v), 6) for v in s] for n, s in chain.importance.items()},
         "gates": {n: round(float(v), 6) for n, v in chain.gates.items()},
@@ -142,8 +179,7 @@ def write_chain(
     (out / "summary.txt").write_text(
         chain.summary() + "\n" + fidelity_line(summary["fidelity"]) + "\n"
     )
-    chain.history_frame().to_csv(out / "history.csv", index=False)
-    frame.to_csv(out / "fidelity.csv", index=False)
-    save_file({"inputs": inputs.detach().cpu().contiguous()}, str(out / "region.safetensors"))
+    write_csv(out / "history.csv", chain.history)
+    write_csv(out / "fidelity.csv", rows)
     plot_layer_scores(chain, out / "layer_scores.png")
     save_figure(plot_architecture(chain), out / "architecture.png")

@@ -41,8 +41,9 @@ class ModelSpec:
         The architecture name (``efficientnet_lite0``, ``digits_vgg``, a timm or
         torchvision name) or the file name of a pickled module.
     source : str
-        ``"lite0"``, ``"digits"``, ``"timm"``, ``"torchvision"`` (either library for names
-        both know: ``"timm|torchvision"``, settled when the weights load) or ``"module"``.
+        ``"lite0"``, ``"digits"``, ``"timm"``, ``"torchvision"`` or ``"module"`` (a name both
+        libraries know needs a ``timm:`` or ``torchvision:`` prefix; ``"timm|torchvision"``
+        in folders of version 0.1.0 is settled when the weights load).
     weights : str or None
         Absolute path of a state dict (or of the pickled module).
     num_classes : int or None
@@ -159,6 +160,11 @@ def resolve_model(
             f"unknown model {model!r}: not efficientnet_lite0, digits_vgg/resnet/vit, a timm or "
             "a torchvision name, nor an existing file"
             + (f"; did you mean {', '.join(hint)}?" if hint else "")
+        )
+    if len(sources) > 1:
+        raise CLIError(
+            f"{bare} names a model of both timm and torchvision (different module layouts: a "
+            f"chain of one does not load on the other); write timm:{bare} or torchvision:{bare}"
         )
     if weights is None:
         raise CLIError(

@@ -9,6 +9,7 @@ from captum_chains.cli.commands import (
     cmd_evaluate,
     cmd_export,
     cmd_extract,
+    cmd_report,
     cmd_show,
     cmd_study,
 )
@@ -43,7 +44,9 @@ def _model_parser(required: bool) -> argparse.ArgumentParser:
         "--model",
         required=required,
         help="efficientnet_lite0 (offline ImageNet weights), digits_vgg|digits_resnet|digits_vit, "
-        "a timm or torchvision name (with --weights; prefix timm: or torchvision: to choose), "
+        "a timm or torchvision name with --weights (write timm:NAME or torchvision:NAME where "
+        "both libraries know NAME, e.g. torchvision:resnet18; timm's ResNet is another module "
+        "layout), "
         "or a path to a torch.save'd nn.Module or state dict (with --arch)"
         + ("" if required else "; default: the model recorded in the chain folder"),
     )
@@ -120,6 +123,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="chain folder written by extract")
     p.add_argument("--json", action="store_true", help="print summary.json instead")
     p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser(
+        "report",
+        parents=[_model_parser(False), common],
+        help="write one self-contained HTML page about a chain folder",
+        description="Write one self-contained HTML page (figures embedded, opens offline) about "
+        "a chain: summary and fidelity, architecture with scores, the chain graph, SMOE maps, "
+        "pictures of the top kept filters, original vs sub-network firing, and Integrated "
+        "Gradients / Grad-CAM side by side.",
+    )
+    p.add_argument("dir", help="chain folder written by extract")
+    p.add_argument("--output", help="the .html file (default DIR/report.html)")
+    p.add_argument("--title", help="page title (default: the model's name)")
+    p.add_argument("--max-inputs", type=int, default=3, help="inputs per figure (default 3)")
+    p.add_argument("--max-filters", type=int, default=4, help="filters pictured (default 4)")
+    p.add_argument(
+        "--filter-steps",
+        type=int,
+        default=128,
+        help="activation-maximization steps per filter picture (default 128)",
+    )
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "export",
@@ -201,5 +226,5 @@ def help_text(command: str | None = None) -> str:
         if isinstance(action, argparse._SubParsersAction) and command in action.choices:
             return action.choices[command].format_help()
     raise ValueError(
-        f"no command {command!r}; commands: extract, show, export, evaluate, study, demo"
+        f"no command {command!r}; commands: extract, show, report, export, evaluate, study, demo"
     )
