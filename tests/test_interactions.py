@@ -91,8 +91,9 @@ def test_known_function_gives_one_and_and_one_or(solver: str) -> None:
     tol = 1e-6 if solver == "lp" else 2e-3
     assert_close(i_and, expected_and, tol)
     assert_close(i_or, expected_or, tol)
-    assert res.top("and", k=1)[0].players == ("p0", "p1")
-    assert res.top("or", k=1)[0].players == ("p2", "p3")
+    assert res.top("and", 1)[0].players == ("0", "1")  # players named by their index
+    assert res.top("or", 1)[0].players == ("2", "3")
+    assert res.solver == solver
     assert abs(float(res.loss[0]) - 2.0) < (1e-6 if solver == "lp" else 2e-3)
 
 
@@ -400,7 +401,7 @@ def test_models_are_left_unchanged_on_success_and_failure(cnns, images) -> None:
 
 
 # --------------------------------------------------------------- statistics
-def _result(i_and: torch.Tensor, i_or: torch.Tensor, top_k: int | float = 2) -> InteractionResult:
+def _result(i_and: torch.Tensor, i_or: torch.Tensor, **sizes: object) -> InteractionResult:
     b, m, size = i_and.shape
     n = size.bit_length() - 1
     zeros = torch.zeros_like(i_and)
@@ -416,7 +417,7 @@ def _result(i_and: torch.Tensor, i_or: torch.Tensor, top_k: int | float = 2) -> 
         model_names=tuple(f"m{i}" for i in range(m)),
         method="shared",
         loss=torch.zeros(b),
-        top_k=top_k,
+        **({"salient_count": 2} | sizes),  # type: ignore[arg-type]
     )
 
 
@@ -435,7 +436,7 @@ def test_salient_shared_distinctive_and_generalization() -> None:
     assert res.generalization("and").tolist() == [[0.5, 0.5]]
     assert res.generalization("or").tolist() == [[1.0, 1.0]]  # Ω has one non-zero entry each
     assert [str(i) for i in res.distinctive_interactions("and", model=1)] == ["AND {b, c}: +1"]
-    assert res.top("and", model=0, k=2)[0].players == ("a", "b")
+    assert res.top("and", 2, model=0)[0].players == ("a", "b")
     assert res.subset_of(["a", "c"]) == 0b101 and res.names_of(0b110) == ("b", "c")
     # threshold variant: |I| > 0.3
     assert res.salient("and", threshold=0.3)[0, 0].sum() == 3
@@ -498,11 +499,15 @@ def test_baseline_options() -> None:
         resolve_baselines((x,), torch.zeros(3, 1, 2, 2))
 
 
-def test_top_k_fraction_and_count() -> None:
+def test_salient_fraction_and_count() -> None:
     res = _result(
         torch.randn(1, 1, 64, dtype=torch.float64),
         torch.zeros(1, 1, 64, dtype=torch.float64),
-        top_k=0.1,
+        salient_count=None,
+        salient_fraction=0.1,
     )
     assert int(res.salient("and").sum()) == math.ceil(0.1 * 63)
-    assert int(res.salient("and", top_k=5).sum()) == 5
+    assert int(res.salient("and", count=5).sum()) == 5
+    assert int(res.salient("and", fraction=0.5).sum()) == math.ceil(0.5 * 63)
+    with pytest.warns(DeprecationWarning, match="count=<int> or fraction=<float>"):
+        assert int(res.salient("and", top_k=5).sum()) == 5

@@ -112,7 +112,7 @@ def test_two_text_models_share_the_keyword_interaction(text_models) -> None:
         baselines=PAD,
         target=1,
         feature_mask=torch.arange(LENGTH)[None],
-        top_k=3,
+        salient_count=3,
         solver=FAST,
         progress=False,
     )
@@ -123,7 +123,7 @@ def test_two_text_models_share_the_keyword_interaction(text_models) -> None:
         for b, pair in enumerate(keyword_pairs):
             assert bool(shared[b, pair])
     listed = res.shared_interactions("or", sample=1)
-    assert listed[0].players == ("p2", "p4")
+    assert listed[0].players == ("2", "4")  # by index
 
 
 class TabularNet(nn.Module):

@@ -39,7 +39,7 @@ def setup():
         baselines=0.0,
         target=[1, 3],
         feature_mask=mask,
-        top_k=6,
+        salient_count=6,
         solver=SolverConfig(iterations=500),
         progress=False,
     )

@@ -12,9 +12,9 @@ non-zeros). The decomposition parameter is recovered as ``γ = Z x - 0.5 (v + ε
 For Eq. (6), ``γ^(i) - γ̄`` is boxed by ``p`` and epigraph variables ``t_S >= |I^(i)(S)|``
 carry the max over models.
 
-This is the ground truth the first-order solvers are measured against. Interior-point
-cost grows quickly with ``n``: about a second per problem at ``n = 8`` and tens of
-seconds at ``n = 10`` (single model) on one CPU core.
+This is the ground truth the first-order solvers are measured against, and the
+``"auto"`` choice where it is fast enough. Interior-point cost grows about 8x per player
+(one CPU thread, ``benchmarks/interactions_solvers.py``).
 """
 
 from __future__ import annotations
@@ -48,16 +48,28 @@ def _blocks(n: int) -> tuple[sp.csc_matrix, sp.csc_matrix]:
     return z, sp.hstack([ones, -pz], format="csc")
 
 
-def _linprog(c, a_ub, b_ub, a_eq, b_eq, bounds) -> np.ndarray:
+def _linprog(c, a_ub, b_ub, a_eq, b_eq, bounds, time_limit: float | None = None) -> np.ndarray:
     from scipy.optimize import linprog
 
-    res = linprog(c, A_ub=a_ub, b_ub=b_ub, A_eq=a_eq, b_eq=b_eq, bounds=bounds, method="highs-ipm")
+    options = {} if time_limit is None else {"time_limit": float(time_limit)}
+    res = linprog(
+        c,
+        A_ub=a_ub,
+        b_ub=b_ub,
+        A_eq=a_eq,
+        b_eq=b_eq,
+        bounds=bounds,
+        method="highs-ipm",
+        options=options,
+    )
     if res.status != 0:
         raise RuntimeError(f"the linear program did not solve: {res.message}")
     return res.x
 
 
-def _single(v: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
+def _single(
+    v: np.ndarray, q: float, time_limit: float | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Eq. (4) for one value vector; returns ``(γ, ε)``."""
     size = len(v)
     n = size.bit_length() - 1
@@ -72,7 +84,7 @@ def _single(v: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
     b_eq = np.concatenate([v, [0.0]])
     c = np.concatenate([np.ones(4 * size), np.zeros(size + 1)])
     bounds = [(0, None)] * (4 * size) + [(-q, q)] * size + [(None, None)]
-    sol = _linprog(c, None, None, a_eq, b_eq, bounds)
+    sol = _linprog(c, None, None, a_eq, b_eq, bounds, time_limit)
     x = sol[:size] - sol[size : 2 * size]
     eps = sol[4 * size : 5 * size]
     gamma = z @ x - 0.5 * (v + eps)
@@ -80,7 +92,12 @@ def _single(v: np.ndarray, q: float) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _shared(
-    v: np.ndarray, q: np.ndarray, p: np.ndarray, alpha: float, w_max: float
+    v: np.ndarray,
+    q: np.ndarray,
+    p: np.ndarray,
+    alpha: float,
+    w_max: float,
+    time_limit: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Eq. (6) for ``[m, size]`` values; returns ``(γ [m, size], ε [m, size])``."""
     m, size = v.shape
@@ -131,7 +148,8 @@ def _shared(
     bounds += [(None, None)] * size + [(0, None)] * (2 * size)
     a_eq = sp.vstack(eq_rows, format="csc")
     a_ub = sp.vstack(ub_rows, format="csc")
-    sol = _linprog(c, a_ub, np.zeros(a_ub.shape[0]), a_eq, np.concatenate(eq_rhs), bounds)
+    rhs = np.concatenate(eq_rhs)
+    sol = _linprog(c, a_ub, np.zeros(a_ub.shape[0]), a_eq, rhs, bounds, time_limit)
     gammas, noises = [], []
     for i in range(m):
         o = i * per
@@ -142,8 +160,11 @@ def _shared(
     return np.stack(gammas), np.stack(noises)
 
 
-def solve_lp(problem: Problem, progress: bool = True) -> Solution:
-    """Exact optimum of ``problem`` (one LP per sample, or per sample and model)."""
+def solve_lp(problem: Problem, progress: bool = True, time_limit: float | None = None) -> Solution:
+    """Exact optimum of ``problem`` (one LP per sample, or per sample and model).
+
+    ``time_limit`` (seconds per LP) makes HiGHS give up with a ``RuntimeError``.
+    """
     v = problem.values.detach().cpu().double().numpy()
     q = problem.noise_bound.detach().cpu().double().numpy()
     batch, m, _ = v.shape
@@ -159,8 +180,8 @@ def solve_lp(problem: Problem, progress: bool = True) -> Solution:
         if i is None:
             assert problem.gamma_bound is not None
             p = problem.gamma_bound.detach().cpu().double().numpy()
-            gamma[b], noise[b] = _shared(v[b], q[b], p, problem.alpha, w_max)
+            gamma[b], noise[b] = _shared(v[b], q[b], p, problem.alpha, w_max, time_limit)
         else:
-            gamma[b, i], noise[b, i] = _single(v[b, i], float(q[b, i]))
+            gamma[b, i], noise[b, i] = _single(v[b, i], float(q[b, i]), time_limit)
     dev = problem.values.device
     return Solution(gamma=torch.from_numpy(gamma).to(dev), noise=torch.from_numpy(noise).to(dev))

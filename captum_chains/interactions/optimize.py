@@ -15,11 +15,15 @@ code) gives an exact decomposition of ``v + ε``; the choice of ``γ`` decides s
 
 Solvers
 -------
-``"pdhg"`` (default)
+``"auto"`` (default)
+    The fastest solver measured within 0.1 % of the exact optimum at the problem's size
+    (:func:`choose_solver`, from ``benchmarks/interactions_solvers.py``): the exact LP
+    while it is fast enough, PDHG above (whose result carries a certified gap).
+``"pdhg"``
     Diagonally preconditioned primal-dual hybrid gradient on the linear program
     (:mod:`.pdhg`): cheap steps made of butterfly transforms, batched over samples and
-    models, converging to the exact optimum (within ~1-2 % of the LP value after
-    10 000 steps at ``n = 10``; see ``benchmarks/interactions_optimizer.py``).
+    models, converging to the exact optimum; every checkpoint also yields a certified
+    lower bound from the dual iterate, and it stops once the gap is below ``gap_tol``.
 ``"adam"``
     Projected Adam with a cosine learning-rate schedule, run on all samples and models
     at once in normalised units (``v`` divided by the mean ``|v(x_T) - v(x_∅)|``; the problem is
@@ -33,12 +37,13 @@ Solvers
     learning rate decayed log-linearly from ``lr`` to ``lr/10`` (single model) or
     constant (shared), 20 000 iterations, raw units. Kept for comparison.
 ``"lp"``
-    The exact optimum by linear programming (:mod:`.exact`, scipy/HiGHS); practical up
-    to about ``n = 10`` (single) or ``n = 8`` (shared).
+    The exact optimum by linear programming (:mod:`.exact`, scipy/HiGHS interior point);
+    its cost grows about 8x per player (see :data:`AUTO_RULE`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -48,8 +53,39 @@ import torch
 from captum_chains._utils.progress import tqdm
 from captum_chains.interactions.transforms import and_interactions, or_interactions, zeta
 
-SOLVERS = ("pdhg", "adam", "sgd", "lp")
+SOLVERS = ("auto", "pdhg", "adam", "sgd", "lp")
 WEIGHTINGS = ("paper", "code")
+
+# Largest n at which the exact LP is the fastest solver within 0.1 % of the optimum, per
+# objective, measured on one CPU thread by ``benchmarks/interactions_solvers.py --mode
+# table`` (``benchmarks/results/interactions_solvers.csv``; table in docs/interactions.md).
+# Above it no solver was measured within 0.1 % in reasonable time and PDHG is used (its
+# certified gap is reported as ``InteractionResult.lower_bound``). The LP runs on the CPU
+# whatever the device, so the CPU thresholds are used on every device (a GPU was not
+# available for the measurement).
+AUTO_RULE: dict[str, int] = {"single": 12, "shared": 10}
+
+
+def choose_solver(n: int, shared: bool, device: torch.device | str = "cpu") -> str:
+    """The solver ``"auto"`` resolves to for ``n`` players (see :data:`AUTO_RULE`).
+
+    Parameters
+    ----------
+    n : int
+        Number of players (``2**n`` subsets).
+    shared : bool
+        Eq. (6) across models (True) or Eq. (4) per model.
+    device : torch.device or str
+        Where the values live; the LP always runs on the CPU, and the thresholds were
+        measured on the CPU (see :data:`AUTO_RULE`).
+
+    Returns
+    -------
+    str
+        ``"lp"`` or ``"pdhg"``.
+    """
+    del device  # one measured table; kept in the signature for a GPU measurement
+    return "lp" if n <= AUTO_RULE["shared" if shared else "single"] else "pdhg"
 
 
 @dataclass(frozen=True)
@@ -58,8 +94,8 @@ class SolverConfig:
 
     Attributes
     ----------
-    method : {"pdhg", "adam", "sgd", "lp"}
-        See the module docstring.
+    method : {"auto", "pdhg", "adam", "sgd", "lp"}
+        See the module docstring; ``"auto"`` is resolved by :func:`choose_solver`.
     iterations : int, optional
         Default 10 000 for PDHG, 3000 for Adam, 20 000 for SGD (the reference's count).
     lr : float, optional
@@ -78,9 +114,14 @@ class SolverConfig:
     tol, patience : float, int
         PDHG stops early once no sample's best loss improved by more than ``tol``
         (relative) over the last ``patience`` steps; ``tol=0`` runs all iterations.
+    gap_tol : float
+        PDHG stops once every sample's loss is certified (by weak duality) within
+        ``gap_tol`` of the optimum; 0 disables the test.
+    time_limit : float or None
+        LP: give up (``RuntimeError``) after this many seconds per problem.
     """
 
-    method: str = "pdhg"
+    method: str = "auto"
     iterations: int | None = None
     lr: float | None = None
     omega: float = 0.03
@@ -89,6 +130,8 @@ class SolverConfig:
     check_every: int = 50
     tol: float = 1e-4
     patience: int = 2000
+    gap_tol: float = 1e-3
+    time_limit: float | None = None
 
     def __post_init__(self) -> None:
         if self.method not in SOLVERS:
@@ -145,6 +188,8 @@ class Solution:
     noise: torch.Tensor  # [B, m, 2**n]
     history: list[float] = field(default_factory=list)
     seconds: float = 0.0
+    lower_bound: torch.Tensor | None = None  # [B], a certified bound on the optimum
+    method: str = ""
 
 
 def decompose(
@@ -301,6 +346,10 @@ def _solve_sgd(problem: Problem, config: SolverConfig, progress: bool) -> Soluti
 def solve(problem: Problem, config: SolverConfig | None = None, progress: bool = True) -> Solution:
     """Optimise ``γ`` (and ``ε``) for ``problem`` with the configured solver."""
     config = config or SolverConfig()
+    if config.method == "auto":
+        n = problem.values.shape[-1].bit_length() - 1
+        method = choose_solver(n, problem.shared, problem.values.device)
+        config = dataclasses.replace(config, method=method)
     start = time.perf_counter()
     if config.method == "pdhg":
         from captum_chains.interactions.pdhg import solve_pdhg
@@ -313,9 +362,12 @@ def solve(problem: Problem, config: SolverConfig | None = None, progress: bool =
     else:
         from captum_chains.interactions.exact import solve_lp
 
-        sol = solve_lp(problem, progress=progress)
+        sol = solve_lp(problem, progress=progress, time_limit=config.time_limit)
     # solvers iterate in float32: put ε exactly inside its box in float64
     bound = problem.noise_bound.to(sol.noise)[..., None]
     sol.noise = torch.maximum(torch.minimum(sol.noise, bound), -bound)
     sol.seconds = time.perf_counter() - start
+    sol.method = config.method
+    if config.method == "lp":  # exact: the optimum is its own bound
+        sol.lower_bound = problem_loss(problem, sol.gamma, sol.noise)
     return sol

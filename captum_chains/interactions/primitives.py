@@ -4,7 +4,8 @@ Chen, Lou, Huang & Zhang, "Defining and Extracting Generalizable Interaction Pri
 from DNNs", ICLR 2024. One call evaluates every model on all ``2**n`` masked samples of
 each input (batched, chunked), then finds the sparsest AND-OR decomposition of each
 model's value — jointly across models with Eq. (6) (``method="shared"``) or per model
-with Eq. (4) (``method="single"``) — and returns an :class:`InteractionResult`.
+with Eq. (4) (``method="single"``) — and returns an :class:`InteractionResult`. Every
+setting lives in one :class:`~captum_chains.interactions.config.InteractionConfig`.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any, cast
 import torch
 from captum.attr import PerturbationAttribution
 
+from captum_chains.interactions.config import InteractionConfig, normalise_overrides
 from captum_chains.interactions.evaluate import chunk_size, evaluate_values
 from captum_chains.interactions.optimize import (
     Problem,
@@ -32,7 +34,6 @@ from captum_chains.interactions.players import (
 from captum_chains.interactions.result import InteractionResult
 from captum_chains.interactions.values import TargetType, ValueFn, format_target, resolve_value
 
-METHODS = ("shared", "single")
 # float64 values + float32 parameters, Adam moments, gradients and intermediates
 _BYTES_PER_ENTRY = 128
 
@@ -57,7 +58,9 @@ class InteractionPrimitives(PerturbationAttribution):
     >>> ip = InteractionPrimitives([model_a, model_b])                  # doctest: +SKIP
     >>> mask = patch_grid_mask(32, 32, 3, 3)                            # doctest: +SKIP
     >>> res = ip.attribute(x, baselines="min", target=y, feature_mask=mask)  # doctest: +SKIP
-    >>> res.s_and, res.top("and", sample=0, model=0, k=5)               # doctest: +SKIP
+    >>> res.s_and, res.top("and", 5, sample=0, model=0)                 # doctest: +SKIP
+    >>> cfg = InteractionConfig.reference()   # the authors' code       # doctest: +SKIP
+    >>> ip.attribute(x, "min", y, feature_mask=mask, config=cfg)        # doctest: +SKIP
     """
 
     def __init__(
@@ -88,6 +91,14 @@ class InteractionPrimitives(PerturbationAttribution):
     def num_models(self) -> int:
         return len(self.forward_funcs)
 
+    # ------------------------------------------------------------------ config
+    @staticmethod
+    def _config(config: InteractionConfig | None, overrides: dict[str, Any]) -> InteractionConfig:
+        if config is not None and not isinstance(config, InteractionConfig):
+            raise TypeError(f"config must be an InteractionConfig, got {type(config).__name__}")
+        cfg = config or InteractionConfig()
+        return cfg.replace(**overrides) if overrides else cfg
+
     # ------------------------------------------------------------------ values
     def compute_values(
         self,
@@ -97,17 +108,20 @@ class InteractionPrimitives(PerturbationAttribution):
         additional_forward_args: Any = None,
         feature_mask: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
         *,
-        batch_size: int | None = None,
-        memory_budget_mb: float = 1024.0,
-        max_players: int = 16,
+        config: InteractionConfig | None = None,
         progress: bool = True,
+        **overrides: Any,
     ) -> torch.Tensor:
         """``v(x_T)`` of every model on all ``2**n`` masked samples, ``[B, m, 2**n]`` float64.
 
         Every argument is checked before the first forward pass: the feature mask (ids
         ``0..n-1`` without gaps, shape), ``n`` against ``max_players`` and the memory
-        budget, the baselines' shape and the target. See :meth:`attribute`.
+        budget, the baselines' shape and the target. See :meth:`attribute`; of the
+        configuration, ``value``, ``batch_size``, ``memory_budget_mb`` and
+        ``max_players`` are used here.
         """
+        cfg = self._config(config, normalise_overrides(overrides))
+        value_fn = self.value_fn if cfg.value is None else resolve_value(cfg.value)
         inps = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
         if not inps or not all(isinstance(x, torch.Tensor) for x in inps):
             raise TypeError("inputs must be a tensor or a tuple of tensors")
@@ -116,7 +130,7 @@ class InteractionPrimitives(PerturbationAttribution):
             shapes = [tuple(x.shape) for x in inps]
             raise ValueError(f"inputs must share a batch dimension >= 1; got shapes {shapes}")
         players = validate_players(inps, feature_mask)
-        self._check_size(players.n, batch, max_players, memory_budget_mb)
+        self._check_size(players.n, batch, cfg.max_players, cfg.memory_budget_mb)
         bases = resolve_baselines(inps, baselines)
         tgt = format_target(target, batch, inps[0].device)
         if additional_forward_args is None:
@@ -125,7 +139,7 @@ class InteractionPrimitives(PerturbationAttribution):
             extra = additional_forward_args
         else:
             extra = (additional_forward_args,)
-        chunk = chunk_size(inps, memory_budget_mb, batch_size)
+        chunk = chunk_size(inps, cfg.memory_budget_mb, cfg.batch_size)
         out = []
         for name, f in zip(self.model_names, self.forward_funcs, strict=True):
             out.append(
@@ -135,7 +149,7 @@ class InteractionPrimitives(PerturbationAttribution):
                     bases,
                     players,
                     tgt,
-                    self.value_fn,
+                    value_fn,
                     extra,
                     chunk,
                     progress,
@@ -165,61 +179,45 @@ class InteractionPrimitives(PerturbationAttribution):
     def extract(
         self,
         values: torch.Tensor,
+        config: InteractionConfig | None = None,
         *,
-        method: str | None = None,
         player_names: Sequence[str] | None = None,
-        alpha: float = 0.1,
-        weighting: str = "paper",
-        noise_bound: float = 0.02,
-        gamma_bound: float = 0.5,
-        gamma_scale: float | Sequence[float] | torch.Tensor | None = None,
-        subtract_empty: bool = True,
-        top_k: int | float = 0.05,
-        threshold: float | None = None,
-        merge_low_order: bool = True,
-        solver: str | SolverConfig = "pdhg",
         progress: bool = True,
+        **overrides: Any,
     ) -> InteractionResult:
         """Sparsest AND-OR decomposition of precomputed values ``[B, m, 2**n]``.
 
         See :meth:`attribute` for the parameters; ``values`` come from
         :meth:`compute_values` (so that several methods can share one evaluation).
         """
+        cfg = self._config(config, normalise_overrides(overrides))
         if values.dim() != 3:
             raise ValueError(f"values must be [B, m, 2**n], got shape {tuple(values.shape)}")
         _, m, size = values.shape
         n = size.bit_length() - 1
         if 1 << n != size:
             raise ValueError(f"the last dimension of values must be 2**n, got {size}")
-        method = method or ("shared" if m >= 2 else "single")
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if method == "shared" and m < 2:
-            raise ValueError("method='shared' needs at least two models; use method='single'")
-        if not noise_bound >= 0 or not gamma_bound >= 0:
-            raise ValueError(
-                f"noise_bound and gamma_bound must be >= 0, got {noise_bound}, {gamma_bound}"
-            )
+        method = self._method(cfg, m)
         names = self._player_names(player_names, n)
-        config = SolverConfig(method=solver) if isinstance(solver, str) else solver
+        solver = SolverConfig(method=cfg.solver) if isinstance(cfg.solver, str) else cfg.solver
         values = values.double()
         v_empty = values[..., 0].clone()
-        if subtract_empty:
+        if cfg.subtract_empty:
             values = values - v_empty[..., None]
         spread = (values[..., -1] - values[..., 0]).abs()  # [B, m]
-        q = noise_bound * spread
+        q = cfg.noise_bound * spread
         p = None
         if method == "shared":
-            if gamma_scale is None:
+            if cfg.gamma_scale is None:
                 scale = spread.mean(dim=0)
             else:
-                scale = torch.as_tensor(gamma_scale, dtype=torch.float64, device=values.device)
+                scale = torch.as_tensor(cfg.gamma_scale, dtype=torch.float64, device=values.device)
                 scale = scale.expand(m).clone()
-            p = gamma_bound * scale
-        problem = Problem(values, q, p, method == "shared", alpha, weighting)
-        sol = solve(problem, config, progress=progress)
+            p = cfg.gamma_bound * scale
+        problem = Problem(values, q, p, method == "shared", cfg.alpha, cfg.weighting)
+        sol = solve(problem, solver, progress=progress)
         i_and, i_or = decompose(values, sol.gamma, sol.noise)
-        loss = objective(i_and, i_or, problem.shared, alpha, weighting)
+        loss = objective(i_and, i_or, problem.shared, cfg.alpha, cfg.weighting)
         return InteractionResult(
             i_and=i_and,
             i_or=i_or,
@@ -234,17 +232,27 @@ class InteractionPrimitives(PerturbationAttribution):
             else tuple(f"model{i}" for i in range(m)),
             method=method,
             loss=loss,
-            top_k=top_k,
-            threshold=threshold,
-            merge_low_order=merge_low_order,
+            salient_fraction=cfg.salient_fraction,
+            salient_count=cfg.salient_count,
+            threshold=cfg.threshold,
+            merge_low_order=cfg.merge_low_order,
             timings={"optimization": sol.seconds},
             history=sol.history,
+            solver=sol.method,
+            lower_bound=None if sol.lower_bound is None else torch.minimum(sol.lower_bound, loss),
+            config=cfg,
         )
+
+    def _method(self, cfg: InteractionConfig, m: int) -> str:
+        method = cfg.method or ("shared" if m >= 2 else "single")
+        if method == "shared" and m < 2:
+            raise ValueError("method='shared' needs at least two models; use method='single'")
+        return method
 
     @staticmethod
     def _player_names(player_names: Sequence[str] | None, n: int) -> tuple[str, ...]:
         if player_names is None:
-            return tuple(f"p{i}" for i in range(n))
+            return tuple(str(i) for i in range(n))
         names = tuple(str(s) for s in player_names)
         if len(names) != n:
             raise ValueError(f"player_names has {len(names)} names for {n} players")
@@ -261,22 +269,10 @@ class InteractionPrimitives(PerturbationAttribution):
         additional_forward_args: Any = None,
         feature_mask: torch.Tensor | tuple[torch.Tensor, ...] | None = None,
         *,
-        method: str | None = None,
+        config: InteractionConfig | None = None,
         player_names: Sequence[str] | None = None,
-        alpha: float = 0.1,
-        weighting: str = "paper",
-        noise_bound: float = 0.02,
-        gamma_bound: float = 0.5,
-        gamma_scale: float | Sequence[float] | torch.Tensor | None = None,
-        subtract_empty: bool = True,
-        top_k: int | float = 0.05,
-        threshold: float | None = None,
-        merge_low_order: bool = True,
-        solver: str | SolverConfig = "pdhg",
-        batch_size: int | None = None,
-        memory_budget_mb: float = 1024.0,
-        max_players: int = 16,
         progress: bool = True,
+        **overrides: Any,
     ) -> InteractionResult:
         """Extract AND-OR interactions of every model on every input.
 
@@ -298,84 +294,40 @@ class InteractionPrimitives(PerturbationAttribution):
             Player id of every input entry (``0 .. n-1``, ``-1``: not a player, kept),
             broadcastable to the input; see ``patch_grid_mask``, ``slic_mask``,
             ``token_mask``.
-        method : {"shared", "single"}, optional
-            Eq. (6) across models (default for ``m >= 2``) or Eq. (4) per model.
+        config : InteractionConfig, optional
+            Every other setting (objective, bounds, solver, salient sets, memory);
+            default ``InteractionConfig()``, the paper's settings with the ``"auto"``
+            solver. ``InteractionConfig.reference()`` reproduces the authors' code.
         player_names : sequence of str, optional
-            Names used when listing interactions (default ``p0, p1, ...``).
-        alpha : float
-            Weight of the sum term in Eq. (6).
-        weighting : {"paper", "code"}
-            ``max + α sum`` (paper, Eq. 6) or ``(1 - α) max + α sum`` (reference code).
-        noise_bound : float
-            ``|ε_T| <= noise_bound * |v(x_N) - v(x_∅)|``.
-        gamma_bound : float
-            ``|γ̂^(i)_T| <= gamma_bound * E_x |v^(i)(x_N) - v^(i)(x_∅)|`` (shared method).
-        gamma_scale : float or sequence, optional
-            Replaces the expectation above (per model), so that one sample's result does
-            not depend on the rest of the batch. Default: the mean over this batch.
-        subtract_empty : bool
-            Decompose ``v(x_T) - v(x_∅)`` (the reference code's default).
-        top_k, threshold
-            Salient sets ``Ω``: the top-k (count, or fraction of ``2**n - 1``) or
-            ``|I| > threshold``.
-        merge_low_order : bool
-            Merge OR into AND for ``|S| <= 1`` in statistics (identical atoms).
-        solver : str or SolverConfig
-            ``"pdhg"`` (default: closest to the exact optimum per CPU second, see
-            ``benchmarks/interactions_optimizer.py``), ``"adam"``, ``"sgd"`` (the
-            reference optimiser) or ``"lp"``
-            (exact, small ``n``).
-        batch_size : int, optional
-            Masked samples per forward pass; default from ``memory_budget_mb``.
-        memory_budget_mb : float
-            Bound for the values/optimisation state (checked before any forward pass)
-            and for the chunk of masked inputs.
-        max_players : int
-            Refuse larger ``n`` (``2**n`` forward passes per input and model).
+            Names used when listing interactions (default: the indices ``"0", "1", ...``).
         progress : bool
             tqdm progress bars.
+        **overrides
+            Fields of :class:`InteractionConfig` to change for this call, e.g.
+            ``solver="lp"`` or ``method="single"`` (unknown names raise a ``TypeError``;
+            the old ``top_k=`` maps to ``salient_fraction``/``salient_count`` with a
+            ``DeprecationWarning``).
 
         Returns
         -------
         InteractionResult
+            With ``timings["evaluation"]`` (forward passes) and
+            ``timings["optimization"]`` (solver) in seconds, ``solver`` (the one that
+            ran) and ``lower_bound`` (a certified bound on the optimum, when available).
         """
         start = time.perf_counter()
-        # validate the decomposition settings before any forward pass as well
-        if method is not None and method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if (method or ("shared" if self.num_models >= 2 else "single")) == "shared" and (
-            self.num_models < 2
-        ):
-            raise ValueError("method='shared' needs at least two models; use method='single'")
-        if isinstance(solver, str):
-            solver = SolverConfig(method=solver)
+        cfg = self._config(config, normalise_overrides(overrides))
+        self._method(cfg, self.num_models)  # fail before any forward pass
         values = self.compute_values(
             inputs,
             baselines,
             target,
             additional_forward_args,
             feature_mask,
-            batch_size=batch_size,
-            memory_budget_mb=memory_budget_mb,
-            max_players=max_players,
+            config=cfg,
             progress=progress,
         )
         evaluated = time.perf_counter()
-        result = self.extract(
-            values,
-            method=method,
-            player_names=player_names,
-            alpha=alpha,
-            weighting=weighting,
-            noise_bound=noise_bound,
-            gamma_bound=gamma_bound,
-            gamma_scale=gamma_scale,
-            subtract_empty=subtract_empty,
-            top_k=top_k,
-            threshold=threshold,
-            merge_low_order=merge_low_order,
-            solver=solver,
-            progress=progress,
-        )
+        result = self.extract(values, cfg, player_names=player_names, progress=progress)
         result.timings["evaluation"] = evaluated - start
         return result

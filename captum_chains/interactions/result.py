@@ -3,8 +3,9 @@
 Interactions are stored as ``[B, m, 2**n]`` tensors (sample, model, subset bitmask ``S``
 with bit ``i`` set when player ``i`` is in ``S``). On top of them:
 
-* salient interactions ``Ω^(i)``: the top-k of model ``i`` by ``|I(S)|`` (or those with
-  ``|I(S)| > τ``), non-empty ``S`` only;
+* salient interactions ``Ω^(i)``: the strongest ``salient_count`` (or
+  ``salient_fraction`` of the ``2**n - 1``) interactions of model ``i`` by ``|I(S)|``, or
+  those with ``|I(S)| > threshold``; non-empty ``S`` only;
 * shared interactions ``Ω_shared = ∩_i Ω^(i)`` and distinctive ones ``Ω^(i) \\ Ω_shared``;
 * generalization power ``s^(i) = |Ω_shared| / |Ω^(i)|``, for AND and OR separately (Sec. 4);
 * universal matching: ``v(x_T) + ε_T = v_and(x_T) + v_or(x_T)`` exactly, so the
@@ -18,7 +19,9 @@ statistics merge them into the AND interaction by default (``merge_low_order=Tru
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,7 +37,7 @@ class Interaction:
     Attributes
     ----------
     players : tuple of str
-        Names of the players in ``S``.
+        Names of the players in ``S`` (their indices as strings unless names were given).
     subset : int
         Bitmask of ``S``.
     value : float
@@ -77,20 +80,30 @@ class InteractionResult:
         ``[B, m]`` the raw ``v(x_∅)`` (subtracted from ``values`` when
         ``subtract_empty``).
     player_names : tuple of str
+        Names used in listings: the given ones, or the player indices ``"0", "1", ...``.
     model_names : tuple of str
     method : {"shared", "single"}
     loss : torch.Tensor
         ``[B]`` final objective (Eq. 6 or Eq. 4 summed over models), raw units.
-    top_k : int or float
-        Default salient-set size: a count, or a fraction of the ``2**n - 1`` subsets.
+    salient_fraction : float
+        Default size of ``Ω^(i)``: this fraction of the ``2**n - 1`` non-empty subsets.
+    salient_count : int or None
+        Default size of ``Ω^(i)`` as a count (overrides the fraction).
     threshold : float or None
-        When set, ``Ω = {S : |I(S)| > threshold}`` instead of the top-k.
+        When set, ``Ω = {S : |I(S)| > threshold}`` instead of the strongest ones.
     merge_low_order : bool
         Merge OR into AND interactions for ``|S| <= 1`` in the statistics.
     timings : dict
         Seconds spent in ``"evaluation"`` (forward passes) and ``"optimization"``.
     history : list of float
         Mean loss at the solver's checkpoints.
+    solver : str
+        The solver that ran (``"auto"`` resolved).
+    lower_bound : torch.Tensor or None
+        ``[B]`` certified lower bound on the optimal loss (the loss itself for the exact
+        LP, the dual bound for PDHG, None for Adam/SGD); see :attr:`gap`.
+    config : InteractionConfig or None
+        The settings of the call.
     """
 
     i_and: torch.Tensor
@@ -104,11 +117,37 @@ class InteractionResult:
     model_names: tuple[str, ...]
     method: str
     loss: torch.Tensor
-    top_k: int | float = 0.05
+    salient_fraction: float = 0.05
+    salient_count: int | None = None
     threshold: float | None = None
     merge_low_order: bool = True
     timings: dict[str, float] = field(default_factory=dict)
     history: list[float] = field(default_factory=list)
+    solver: str = ""
+    lower_bound: torch.Tensor | None = None
+    config: Any = None
+
+    def top_k(self, *args: object, **kwargs: object) -> None:
+        """Removed: ``top_k`` was the salient-set size, a number, not a listing.
+
+        Raises
+        ------
+        AttributeError
+            Always, naming the replacements: :meth:`top` to list interactions and
+            :attr:`salient_fraction` / :attr:`salient_count` for the size of ``Ω``.
+        """
+        raise AttributeError(
+            "InteractionResult.top_k was removed: use res.top(kind, k) to list the k "
+            "strongest interactions, and res.salient_fraction / res.salient_count for the "
+            "size of the salient sets"
+        )
+
+    @property
+    def gap(self) -> torch.Tensor | None:
+        """Certified relative gap ``(loss - lower_bound) / loss`` per sample, or None."""
+        if self.lower_bound is None:
+            return None
+        return ((self.loss - self.lower_bound) / self.loss.abs().clamp_min(1e-300)).clamp_min(0)
 
     # ------------------------------------------------------------------ shape
     @property
@@ -161,34 +200,63 @@ class InteractionResult:
             return torch.where(low, self.i_and + self.i_or, self.i_and)
         return torch.where(low, torch.zeros_like(self.i_or), self.i_or)
 
-    def _k(self, top_k: int | float | None) -> int:
-        k = self.top_k if top_k is None else top_k
+    def _size(self, count: int | None, fraction: float | None) -> int:
         total = (1 << self.n) - 1
-        if isinstance(k, float) and 0 < k < 1:
-            return max(1, math.ceil(k * total))
-        if int(k) < 1:
-            raise ValueError(f"top_k must be a positive count or a fraction in (0, 1), got {k}")
-        return min(int(k), total)
+        if count is not None:
+            if isinstance(count, bool) or int(count) != count or count < 1:
+                raise ValueError(f"count must be a positive int, got {count!r}")
+            return min(int(count), total)
+        frac = self.salient_fraction if fraction is None else fraction
+        if self.salient_count is not None and fraction is None:
+            return min(int(self.salient_count), total)
+        if not 0.0 < frac <= 1.0:
+            raise ValueError(f"fraction must be in (0, 1], got {frac!r}; pass a count as count=")
+        return max(1, math.ceil(frac * total))
 
     def salient(
-        self, kind: str, top_k: int | float | None = None, threshold: float | None = None
+        self,
+        kind: str,
+        count: int | None = None,
+        fraction: float | None = None,
+        threshold: float | None = None,
+        **deprecated: Any,
     ) -> torch.Tensor:
         """``Ω^(i)`` as a boolean ``[B, m, 2**n]`` mask (never contains ``∅`` or zeros).
 
         Parameters
         ----------
         kind : {"and", "or"}
-        top_k : int or float, optional
-            Count or fraction; default :attr:`top_k`.
+        count : int, optional
+            The ``count`` strongest interactions by ``|I(S)|``.
+        fraction : float, optional
+            The strongest ``fraction`` of the ``2**n - 1`` non-empty subsets.
         threshold : float, optional
-            ``|I(S)| > threshold`` instead of top-k; default :attr:`threshold`.
+            ``|I(S)| > threshold`` instead.
+
+        With none of them given, the result's defaults apply (:attr:`threshold`, then
+        :attr:`salient_count`, then :attr:`salient_fraction`). ``top_k=`` (a count or a
+        fraction) is accepted with a ``DeprecationWarning``.
         """
+        if deprecated:
+            if set(deprecated) != {"top_k"}:
+                raise TypeError(f"unexpected keyword(s) {sorted(deprecated)}")
+            top_k = deprecated["top_k"]
+            warnings.warn(
+                "salient(top_k=...) is deprecated: pass count=<int> or fraction=<float>",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            if isinstance(top_k, float) and 0 < top_k < 1:
+                fraction = top_k
+            else:
+                count = int(top_k)
         mag = self.interactions(kind).abs().clone()
         mag[..., 0] = 0.0
-        thr = self.threshold if threshold is None and top_k is None else threshold
+        chosen = count is not None or fraction is not None
+        thr = self.threshold if threshold is None and not chosen else threshold
         if thr is not None:
             return mag > thr
-        k = self._k(top_k)
+        k = self._size(count, fraction)
         idx = mag.topk(k, dim=-1).indices
         mask = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, idx, True)
         return mask & (mag > 0)
@@ -263,9 +331,16 @@ class InteractionResult:
         return out
 
     def top(
-        self, kind: str = "and", sample: int = 0, model: int = 0, k: int = 10
+        self, kind: str = "and", k: int = 10, *, sample: int = 0, model: int = 0
     ) -> list[Interaction]:
-        """The ``k`` strongest interactions (non-empty ``S``) by ``|I(S)|``, strongest first."""
+        """The ``k`` strongest interactions (non-empty ``S``) by ``|I(S)|``, strongest first.
+
+        Exact zeros are left out, so fewer than ``k`` may come back.
+        """
+        if kind not in KINDS:
+            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive int, got {k!r}")
         inter = self.interactions(kind)[sample, model].clone()
         inter[0] = 0.0
         idx = inter.abs().topk(min(k, inter.numel() - 1)).indices.tolist()
@@ -306,6 +381,7 @@ class InteractionResult:
             "relative_reconstruction_error": float(self.relative_reconstruction_error.amax()),
             "matching_error": float(self.matching_error.amax()),
             "loss": float(self.loss.mean()),
+            **({} if self.gap is None else {"certified_gap": float(self.gap.max())}),
             **{f"{k}_s": v for k, v in self.timings.items()},
         }
 

@@ -15,7 +15,8 @@ import torch
 ValueFn = Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor]
 TargetType = int | Sequence[int] | torch.Tensor | None
 
-VALUE_NAMES = ("log_odds", "logit", "probability", "log_probability")
+VALUE_NAMES = ("log_odds", "reference_log_odds", "logit", "probability", "log_probability")
+REFERENCE_EPS = 1e-7
 
 
 def _scalar(output: torch.Tensor) -> torch.Tensor | None:
@@ -54,6 +55,23 @@ def log_odds(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     return chosen - torch.logsumexp(others, dim=1)
 
 
+def reference_log_odds(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+    """The authors' log-odds: ``z_y - M - log(sum_{c≠y} exp(z_c - M) + 1e-7)``.
+
+    ``M = max_{c≠y} z_c``. The ``1e-7`` inside the logarithm (their ``eps``) caps the
+    log-odds of the other classes from below; it moves ``v`` by at most ``1e-7``. A
+    scalar output is read as in :func:`log_odds` (their ``gt-logistic-odds``).
+    """
+    s = _scalar(output)
+    if s is not None:
+        return log_odds(output, target)
+    chosen = _pick(output, target)
+    others = output.scatter(1, target.view(-1, 1), float("-inf"))  # type: ignore[union-attr]
+    top = others.amax(dim=1)
+    rest = torch.exp(others - top[:, None]).sum(dim=1)
+    return chosen - top - torch.log(rest + REFERENCE_EPS)
+
+
 def logit(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """The raw output (logit) of the target class."""
     s = _scalar(output)
@@ -82,6 +100,7 @@ def log_probability(output: torch.Tensor, target: torch.Tensor | None) -> torch.
 
 _VALUES: dict[str, ValueFn] = {
     "log_odds": log_odds,
+    "reference_log_odds": reference_log_odds,
     "logit": logit,
     "probability": probability,
     "log_probability": log_probability,
