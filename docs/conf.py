@@ -56,6 +56,7 @@ exclude_patterns = [
     "**/.ipynb_checkpoints",
     "**/__pycache__",
     "tutorials/_*",
+    "make_example_report.py",  # a script, not a page (.py files are read as notebooks)
 ]
 
 # -- API reference (autosummary + autodoc + napoleon for numpy-style docstrings) ------
