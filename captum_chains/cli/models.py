@@ -43,7 +43,7 @@ class ModelSpec:
     source : str
         ``"lite0"``, ``"digits"``, ``"timm"``, ``"torchvision"`` or ``"module"`` (a name both
         libraries know needs a ``timm:`` or ``torchvision:`` prefix; ``"timm|torchvision"``
-        in folders of version 0.1.0 is settled when the weights load).
+        in older chain folders is settled when the weights load).
     weights : str or None
         Absolute path of a state dict (or of the pickled module).
     num_classes : int or None
