@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 from dataclasses import dataclass, field
@@ -10,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from captum_chains._utils.files import atomic_write, read_json, read_safetensors, write_safetensors
 from captum_chains._utils.optional import require
 from captum_chains.config import ChainConfig
 from captum_chains.subnetwork import SubNetwork
@@ -140,10 +142,18 @@ class Chain:
         ------
         ValueError
             If the config, history or gates hold values JSON cannot store exactly.
+        OSError
+            If ``path`` is a file or cannot be written (no permission, disk full). Each
+            file is written under a temporary name and moved into place, so none is ever
+            half-written.
         """
-        from safetensors.torch import save_file
-
         folder = Path(path).expanduser()
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(
+                errno.ENOTDIR,
+                "Chain.save writes a folder, but this path is a file; give a folder name",
+                str(folder),
+            )
         folder.mkdir(parents=True, exist_ok=True)
         config = _encode(self.config.to_dict())
         if _config_from(config) != self.config:
@@ -171,14 +181,19 @@ class Chain:
         }
         if self.inputs is not None:
             tensors["inputs"] = self.inputs.detach().cpu().contiguous()
-        save_file(tensors, str(folder / CHAIN_TENSORS), metadata={"format": CHAIN_FORMAT})
+        write_safetensors(folder / CHAIN_TENSORS, tensors, {"format": CHAIN_FORMAT}, "chain file")
         self.subnetwork.save(folder / SUBNETWORK_FILE)
-        (folder / CHAIN_JSON).write_text(text)
+        atomic_write(folder / CHAIN_JSON, text, "chain file")  # last: marks a complete chain
         return folder
 
     @classmethod
     def load(
-        cls, path: str | Path, model: nn.Module, device: torch.device | str | None = None
+        cls,
+        path: str | Path,
+        model: nn.Module,
+        device: torch.device | str | None = None,
+        *,
+        check_weights: bool = True,
     ) -> Chain:
         """Reopen a folder written by :meth:`save` on ``model``.
 
@@ -187,10 +202,12 @@ class Chain:
         path : str or Path
             The folder.
         model : nn.Module
-            The model the chain was extracted on (same architecture: the fingerprint is
-            checked; the weights are the caller's responsibility).
+            The model the chain was extracted on (same architecture and, unless
+            ``check_weights=False``, the same weights: both are checked).
         device : torch.device or str, optional
             Where to put the tensors (default: the device of ``model``'s parameters).
+        check_weights : bool
+            See :meth:`SubNetwork.load`.
 
         Returns
         -------
@@ -201,11 +218,12 @@ class Chain:
         ------
         ValueError
             If the folder holds no chain, a chain of another format version, a config with
-            fields this version of :class:`ChainConfig` does not know, or ``model`` is
-            another architecture.
+            fields this version of :class:`ChainConfig` does not know, a damaged,
+            truncated or inconsistent file, or ``model`` is another architecture or holds
+            other weights (see :meth:`SubNetwork.load`).
+        OSError
+            If a file cannot be read.
         """
-        from safetensors import safe_open
-
         folder = Path(path).expanduser()
         missing = [
             f for f in (CHAIN_JSON, CHAIN_TENSORS, SUBNETWORK_FILE) if not (folder / f).is_file()
@@ -215,30 +233,89 @@ class Chain:
                 f"{folder} holds no saved Chain (missing {', '.join(missing)}); write one with "
                 "Chain.save(path)"
             )
-        document = json.loads((folder / CHAIN_JSON).read_text())
-        if document.get("format") != CHAIN_FORMAT:
+        document = read_json(folder / CHAIN_JSON, "chain file")
+        if not isinstance(document, dict) or document.get("format") != CHAIN_FORMAT:
+            found = document.get("format") if isinstance(document, dict) else None
             raise ValueError(
-                f"{folder / CHAIN_JSON} has format {document.get('format')!r}; this version of "
+                f"{folder / CHAIN_JSON} has format {found!r}; this version of "
                 f"captum-chains reads {CHAIN_FORMAT!r}"
             )
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
-        subnetwork = SubNetwork.load(folder / SUBNETWORK_FILE, model).to(device)
-        with safe_open(str(folder / CHAIN_TENSORS), framework="pt") as handle:
-            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+        subnetwork = SubNetwork.load(folder / SUBNETWORK_FILE, model, check_weights=check_weights)
+        tensors, metadata = read_safetensors(folder / CHAIN_TENSORS, "chain file")
+        if metadata.get("format") != CHAIN_FORMAT:
+            raise ValueError(f"{folder / CHAIN_TENSORS} is not a captum-chains chain file")
+        try:
+            return cls._from_parts(document, tensors, subnetwork.to(device), device)
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            OverflowError,
+            RecursionError,
+        ) as err:
+            raise ValueError(
+                f"{folder / CHAIN_JSON} is damaged or inconsistent with its tensors "
+                f"({type(err).__name__}: {err})"
+            ) from err
+
+    @classmethod
+    def _from_parts(
+        cls,
+        document: dict[str, Any],
+        tensors: dict[str, torch.Tensor],
+        subnetwork: SubNetwork,
+        device: torch.device | str,
+    ) -> Chain:
+        """The Chain of a parsed ``chain.json``, its tensors and its loaded SubNetwork."""
+        structure = subnetwork.structure
         names = document["importance"]
-        importance = {name: tensors[f"importance/{i}"].to(device) for i, name in enumerate(names)}
-        inputs = tensors["inputs"].to(device) if document["has_inputs"] else None
+        if names != list(structure.unit_names):
+            raise ValueError(
+                f"chain.json lists the unit layers {names!r} but the sub-network has "
+                f"{list(structure.unit_names)}"
+            )
+        importance = {}
+        for i, unit in enumerate(structure.units):
+            score = tensors[f"importance/{i}"]
+            if not score.is_floating_point() or score.shape != (unit.size,):
+                raise ValueError(
+                    f"importance of {unit.name!r} is {score.dtype} of shape "
+                    f"{tuple(score.shape)}; expected {unit.size} floating-point scores"
+                )
+            importance[unit.name] = score.to(device)
+        has_inputs = document["has_inputs"]
+        if not isinstance(has_inputs, bool) or has_inputs != ("inputs" in tensors):
+            raise ValueError("chain.json and chain.safetensors disagree on the stored inputs")
+        gates = _decode(document["gates"])
+        history = _decode(document["history"])
+        kl = _decode(document["kl"])
+        finetuned = document["finetuned"]
+        if (
+            not isinstance(gates, dict)
+            or set(gates) != set(structure.gate_names)
+            or not all(isinstance(v, (int, float)) for v in gates.values())
+            or not isinstance(history, list)
+            or not all(isinstance(row, dict) for row in history)
+            or not isinstance(kl, (int, float))
+            or not isinstance(finetuned, bool)
+        ):
+            raise ValueError(
+                "chain.json holds gates, history, kl or finetuned of the wrong type or gates "
+                "that are not the sub-network's"
+            )
         return cls(
             importance=importance,
-            gates={name: float(value) for name, value in _decode(document["gates"]).items()},
+            gates={name: float(value) for name, value in gates.items()},
             subnetwork=subnetwork,
-            history=_decode(document["history"]),
-            structure=subnetwork.structure,
+            history=history,
+            structure=structure,
             config=_config_from(document["config"]),
-            kl=float(_decode(document["kl"])),
-            finetuned=bool(document["finetuned"]),
-            inputs=inputs,
+            kl=float(kl),
+            finetuned=finetuned,
+            inputs=tensors["inputs"].to(device) if has_inputs else None,
         )
 
 
@@ -271,6 +348,8 @@ def _decode(value: Any) -> Any:
 def _config_from(encoded: dict[str, Any]) -> ChainConfig:
     """The ChainConfig of an encoded ``to_dict()``; unknown fields raise ``ValueError``."""
     values = _decode(json.loads(json.dumps(encoded)))
+    if not isinstance(values, dict):
+        raise ValueError(f"the saved config is not a mapping of fields: {values!r:.80}")
     try:
         return ChainConfig(**values)
     except TypeError as err:

@@ -62,6 +62,7 @@ def export_subnetwork(
     rtol: float = 1e-4,
     strict: bool = False,
     model: nn.Module | None = None,
+    check_weights: bool = True,
 ) -> ExportedSubNetwork:
     """Export a SubNetwork as a standalone module holding only the kept filters.
 
@@ -81,6 +82,11 @@ def export_subnetwork(
         Raise instead of keeping operations the export does not understand at full width.
     model : nn.Module, optional
         Export onto this model instead of ``subnetwork.model`` (same architecture).
+    check_weights : bool
+        Refuse a model whose weights differ from those the chain was extracted from
+        (its :func:`~captum_chains.subnetwork.weights_digest` differs from
+        ``subnetwork.weights_digest``). ``False`` exports the scores onto the model's
+        current weights anyway.
 
     Returns
     -------
@@ -93,7 +99,8 @@ def export_subnetwork(
         If ``subnetwork`` is not a SubNetwork.
     ExportError
         (a ``ValueError``) if the model's architecture differs from the one the chain was
-        extracted on, if the model cannot be traced, if a unit site or gate is inside an
+        extracted on, if its weights differ and ``check_weights`` is true, if the model
+        cannot be traced, if a unit site or gate is inside an
         operation the export cannot open, with ``strict=True`` if an operation is not
         understood, or if the export does not reproduce the SubNetwork.
     """
@@ -107,6 +114,8 @@ def export_subnetwork(
     structure = subnetwork.structure
     model = subnetwork.model if model is None else model
     check_model(structure, model)
+    if check_weights:
+        check_weights_digest(subnetwork, model)
     device = model_device(model) or torch.device("cpu")
     example = _inputs(example_inputs, structure, device)
     checks = [example] + ([format_inputs(check_inputs)] if check_inputs is not None else [])
@@ -143,6 +152,24 @@ def export_subnetwork(
     report = _report(model, subnetwork, exported, example, checks, full_width, rtol)
     exported.report = report  # type: ignore[assignment]
     return exported
+
+
+def check_weights_digest(subnetwork: Any, model: nn.Module) -> None:
+    """Raise :class:`ExportError` if ``model``'s weights are not the chain's."""
+    from captum_chains.subnetwork import weights_digest
+
+    recorded = getattr(subnetwork, "weights_digest", None)
+    if recorded is None:
+        return
+    found = weights_digest(model)
+    if found != recorded:
+        raise ExportError(
+            f"the weights of {type(model).__name__} changed since the chain was extracted "
+            f"(weights digest {recorded[:12]}... at extraction, {found[:12]}... now: an "
+            "in-place edit or a swapped layer?); export onto the model with the original "
+            "weights, extract the chain again, or pass check_weights=False to export the "
+            "scores onto the current weights anyway"
+        )
 
 
 #: Modules that register rules, canonicalizers or site resolvers for more model
