@@ -30,9 +30,16 @@ Models are never downloaded. ``efficientnet_lite0`` loads the offline ImageNet w
 (:func:`captum_chains.pretrained.load_efficientnet_lite0`); ``digits_vgg``,
 ``digits_resnet`` and ``digits_vit`` are the small digits models of
 :mod:`captum_chains.zoo` (trained locally and cached unless ``--weights`` is given);
-any other timm or torchvision name needs ``--weights`` (a state dict). A path to a
-``torch.save``'d ``nn.Module`` is loaded after a warning (unpickling runs code); a path to
-a state dict needs ``--arch``.
+any other timm or torchvision name needs ``--weights`` (a state dict); a path to a state
+dict needs ``--arch``. State dicts are read with ``torch.load(weights_only=True)`` or
+safetensors and chain folders hold only JSON and safetensors, so no command runs code
+stored in a file: a ``torch.save``'d ``nn.Module`` (a pickle), whether given as ``--model``
+or named in a received chain folder's ``model.json``, is refused unless ``--trust-pickle``
+is passed.
+
+Damaged, truncated or crafted chain folders end with one error line, like every other
+mistake; a chain folder is also refused when the model's weights differ from those the
+chain was extracted from.
 
 User mistakes end with one line ``captum-chains: error: ...`` on stderr and exit code 1
 (2 for command-line usage errors); set ``CAPTUM_CHAINS_DEBUG=1`` to get the traceback.

@@ -16,7 +16,7 @@ from captum_chains.cli.folder import (
     fidelity_line,
     fidelity_summary,
     load_chain,
-    read_json,
+    read_summary,
     write_chain,
     write_csv,
 )
@@ -90,7 +90,7 @@ def cmd_extract(args: argparse.Namespace, console: Console) -> int:
     spec = resolve_model(args.model, args.weights, args.arch, args.num_classes)
     torch.manual_seed(args.seed)
     console.info(f"loading {spec.name}")
-    model = build_model(spec, console).to(device)
+    model = build_model(spec, console, trust_pickle=args.trust_pickle).to(device)
     prep = default_preprocessing(spec, model)
     prep = Preprocessing(
         args.size or prep.size,
@@ -174,19 +174,24 @@ def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
     loaded = load_chain(args, console)
-    summary_path = loaded.folder / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
+    summary = read_summary(loaded.folder)
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
     print(loaded.subnetwork.summary())
     if summary:
-        print(f"KL(original || sub-network) on the region: {summary['kl']:.4f}")
-        print(fidelity_line(summary["fidelity"]))
-        print(
-            f"region: {summary['n_inputs']} inputs from {len(summary['images'])} image(s); "
-            f"target: {summary['target']}; {summary['steps']} steps in {summary['seconds']:.0f} s"
-        )
+        try:
+            lines = [
+                f"KL(original || sub-network) on the region: {float(summary['kl']):.4f}",
+                fidelity_line(summary["fidelity"]),
+                f"region: {int(summary['n_inputs'])} inputs from {len(summary['images'])} "
+                f"image(s); target: {summary['target']}; {int(summary['steps'])} steps in "
+                f"{float(summary['seconds']):.0f} s",
+            ]
+        except (KeyError, TypeError, ValueError, OverflowError):
+            console.warn(f"{loaded.folder / 'summary.json'} is incomplete; not shown")
+        else:
+            print("\n".join(lines))
     return 0
 
 
@@ -204,7 +209,12 @@ def cmd_export(args: argparse.Namespace, console: Console) -> int:
     shape = loaded.subnetwork.structure.input_shape
     example = region[:2] if region is not None else torch.randn(2, *shape, device=loaded.device)
     suffix = SUFFIXES[args.format]
-    out = Path(args.output) if args.output else loaded.folder / f"exported{suffix}"
+    out = Path(args.output).expanduser() if args.output else loaded.folder / f"exported{suffix}"
+    if out.is_dir():
+        raise CLIError(f"--output {args.output} is a folder; give a file name such as x{suffix}")
+    if out.parent.exists() and not out.parent.is_dir():
+        raise CLIError(f"--output {args.output}: {out.parent} is a file, not a folder")
+    out.parent.mkdir(parents=True, exist_ok=True)
     save = save_program if args.format == "pt" else save_onnx
     diff = save(exported, example, out, loaded.subnetwork)
     report = getattr(exported, "report", None)
@@ -230,7 +240,9 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
             raise CLIError(f"{args.dir} stores no region; pass --images")
         inputs, where = region, f"the chain's region ({region.shape[0]} inputs)"
     numbers, rows = fidelity_summary(loaded.subnetwork, inputs, args.batch_size)
-    out = Path(args.out) if args.out else loaded.folder / "evaluation"
+    out = Path(args.out).expanduser() if args.out else loaded.folder / "evaluation"
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} is a file, not a folder")
     out.mkdir(parents=True, exist_ok=True)
     (out / "fidelity.json").write_text(json.dumps({"inputs": where, **numbers}, indent=2))
     write_csv(out / "fidelity.csv", rows)
@@ -250,7 +262,7 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
 
     device = parse_device(args.device)
     spec = resolve_model(args.model, args.weights, args.arch, args.num_classes)
-    model = build_model(spec, console).to(device)
+    model = build_model(spec, console, trust_pickle=args.trust_pickle).to(device)
     pool = pool_labels = labels = None
     if args.data == "digits":
         if spec.source != "digits":
@@ -324,7 +336,9 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
             f"{args.dir} was written by an older captum-chains (no chain.json); extract the "
             "chain again to write a report"
         )
-    out = Path(args.output) if args.output else loaded.folder / REPORT_FILE
+    out = Path(args.output).expanduser() if args.output else loaded.folder / REPORT_FILE
+    if out.is_dir():
+        raise CLIError(f"--output {args.output} is a folder; give a file name such as report.html")
     prep = loaded.spec.preprocessing
     denormalize = None
     if prep is not None and prep.channels in (1, 3):
@@ -334,12 +348,12 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         def denormalize(x: torch.Tensor) -> torch.Tensor:
             return (x * std.to(x.device) + mean.to(x.device)).clamp(0, 1)
 
-    summary_path = loaded.folder / "summary.json"
-    summary = read_json(summary_path) if summary_path.is_file() else {}
+    summary = read_summary(loaded.folder)
     info = {"model name": loaded.spec.name}
-    if summary.get("images"):
-        info["images"] = ", ".join(Path(p).name for p in summary["images"][:8])
-    if summary.get("target") is not None:
+    images = summary.get("images")
+    if isinstance(images, list) and images and all(isinstance(p, str) for p in images):
+        info["images"] = ", ".join(Path(p).name for p in images[:8])
+    if isinstance(summary.get("target"), (int, str, list)):
         info["target"] = summary["target"]
     categories = categories_for(loaded.chain.structure.num_classes)
     console.info("drawing the report (activation maximization takes a while)")

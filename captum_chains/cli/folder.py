@@ -34,9 +34,18 @@ REPORT_FILE = "report.html"
 
 def read_json(path: Path) -> Any:
     try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as err:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (OSError, ValueError, RecursionError) as err:
         raise CLIError(f"cannot read {path}: {one_line(err, 160)}") from err
+
+
+def read_summary(folder: Path) -> dict[str, Any]:
+    """``summary.json`` of a chain folder, or ``{}`` when it is missing or malformed."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return {}
+    summary = read_json(path)
+    return summary if isinstance(summary, dict) else {}
 
 
 def chain_folder(path: str) -> Path:
@@ -74,9 +83,16 @@ class LoadedChain:
         path = self.folder / "region.safetensors"
         if not path.is_file():
             return None
-        from safetensors.torch import load_file
+        from captum_chains._utils.files import read_safetensors
 
-        return load_file(str(path))["inputs"].to(self.device)
+        try:
+            tensors, _ = read_safetensors(path, "region file")
+        except ValueError as err:
+            raise CLIError(one_line(err, 300)) from err
+        inputs = tensors.get("inputs")
+        if inputs is None or not inputs.is_floating_point() or inputs.ndim < 2:
+            raise CLIError(f"{path} holds no region inputs (a floating tensor 'inputs')")
+        return inputs.to(self.device)
 
 
 def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
@@ -85,7 +101,11 @@ def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
     from captum_chains.subnetwork import SubNetwork
 
     folder = chain_folder(args.dir)
-    spec = ModelSpec.from_json((folder / "model.json").read_text(), folder / "model.json")
+    try:
+        text = (folder / "model.json").read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise CLIError(f"{folder / 'model.json'} is not a model description (not text)") from err
+    spec = ModelSpec.from_json(text, folder / "model.json")
     stored_hash, stored_prep = spec.weights_hash, spec.preprocessing
     if args.model is not None:
         spec = resolve_model(args.model, args.weights, args.arch, args.num_classes)
@@ -99,7 +119,7 @@ def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
         )
     device = parse_device(args.device)
     console.info(f"loading {spec.name}")
-    model = build_model(spec, console).to(device)
+    model = build_model(spec, console, trust_pickle=args.trust_pickle).to(device)
     chain = None
     try:
         if (folder / CHAIN_JSON).is_file():
@@ -115,7 +135,33 @@ def load_chain(args: argparse.Namespace, console: Console) -> LoadedChain:
             f"the chain in {folder} was extracted on other weights of {spec.name} (weights hash "
             f"{stored_hash}, this model has {found}); pass the original weights with --weights"
         )
-    return LoadedChain(folder, spec, model, subnetwork, device, chain)
+    loaded = LoadedChain(folder, spec, model, subnetwork, device, chain)
+    _probe(loaded)
+    return loaded
+
+
+def _probe(loaded: LoadedChain) -> None:
+    """Run the sub-network on one input, so that a crafted structure fails here, clearly."""
+    import torch
+
+    region = loaded.region()
+    shape = loaded.subnetwork.structure.input_shape
+    if region is not None:
+        example = region[:1]
+    elif shape:
+        example = torch.zeros(1, *shape, device=loaded.device)
+    else:
+        return
+    try:
+        with torch.no_grad():
+            out = loaded.subnetwork(example)
+        if not isinstance(out, torch.Tensor) or out.ndim != 2:
+            raise ValueError(f"the sub-network returned {type(out).__name__}, not logits")
+    except (RuntimeError, ValueError, TypeError, IndexError, KeyError) as err:
+        raise CLIError(
+            f"the chain in {loaded.folder} does not run on model {loaded.spec.name} (damaged or "
+            f"crafted files?): {one_line(err, 240)}"
+        ) from err
 
 
 def fidelity_summary(

@@ -27,6 +27,7 @@ SPEC_FORMAT = "captum-chains/cli-model-v1"
 MODEL_SUFFIXES = (".pt", ".pth", ".bin", ".ckpt", ".safetensors")
 LITE0_NAMES = ("efficientnet_lite0", "tf_efficientnet_lite0")
 DIGITS_NAMES = {"digits_vgg": "vgg", "digits_resnet": "resnet", "digits_vit": "vit"}
+SOURCES = ("lite0", "digits", "timm", "torchvision", "timm|torchvision", "module")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -68,22 +69,56 @@ class ModelSpec:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> ModelSpec:
+        """Parse ``model.json``; anything malformed is a :class:`CLIError` naming the file."""
         try:
             payload = json.loads(text)
+            if not isinstance(payload, dict):
+                raise ValueError("not a JSON object")
             if payload.pop("format", None) != SPEC_FORMAT:
                 raise ValueError("unknown format")
             prep = payload.pop("preprocessing", None)
             spec = cls(**payload)
+            spec._check()
             if prep is not None:
                 spec.preprocessing = Preprocessing(
                     int(prep["size"]),
                     int(prep["channels"]),
-                    tuple(prep["mean"]),
-                    tuple(prep["std"]),
+                    tuple(float(v) for v in prep["mean"]),
+                    tuple(float(v) for v in prep["std"]),
                 )
             return spec
-        except (ValueError, TypeError, KeyError) as err:
-            raise CLIError(f"{where} is not a captum-chains model description ({err})") from err
+        except (
+            ValueError,
+            TypeError,
+            KeyError,
+            AttributeError,
+            OverflowError,
+            RecursionError,
+        ) as err:
+            raise CLIError(
+                f"{where} is not a captum-chains model description ({one_line(err, 160)})"
+            ) from err
+
+    def _check(self) -> None:
+        """Types and values of the fields read from a file."""
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"name {self.name!r}")
+        if self.source not in SOURCES:
+            raise ValueError(f"source {self.source!r} (one of {', '.join(SOURCES)})")
+        if self.source == "digits" and self.name not in DIGITS_NAMES:
+            raise ValueError(f"digits model {self.name!r}")
+        if self.weights is not None and not isinstance(self.weights, str):
+            raise ValueError(f"weights {self.weights!r}")
+        if self.source not in ("lite0", "digits") and self.weights is None:
+            raise ValueError(f"a {self.source} model needs a weights file")
+        if self.num_classes is not None and (
+            not isinstance(self.num_classes, int)
+            or isinstance(self.num_classes, bool)
+            or self.num_classes < 1
+        ):
+            raise ValueError(f"num_classes {self.num_classes!r}")
+        if self.weights_hash is not None and not isinstance(self.weights_hash, str):
+            raise ValueError(f"weights_hash {self.weights_hash!r}")
 
 
 def _timm_names() -> list[str]:
@@ -238,8 +273,13 @@ def _create(source: str, name: str, num_classes: int | None) -> nn.Module:
     return models.get_model(name, weights=None, **kwargs)
 
 
-def build_model(spec: ModelSpec, console: Console) -> nn.Module:
-    """Build the model a spec describes, in eval mode (never downloads weights)."""
+def build_model(spec: ModelSpec, console: Console, trust_pickle: bool = False) -> nn.Module:
+    """Build the model a spec describes, in eval mode (never downloads weights).
+
+    A pickled ``nn.Module`` (``spec.source == "module"``) is refused unless
+    ``trust_pickle``: unpickling runs code stored in the file. State dicts are read
+    with ``torch.load(weights_only=True)`` or safetensors, which run no code.
+    """
     import torch
 
     if spec.source == "lite0":
@@ -259,10 +299,18 @@ def build_model(spec: ModelSpec, console: Console) -> nn.Module:
         console.info(f"training {spec.name} on scikit-learn's digits (cached after the first run)")
         return train_digits_model(arch)
     if spec.source == "module":
-        assert spec.weights is not None
+        if spec.weights is None:
+            raise CLIError(f"the model description of {spec.name} names no model file")
+        if not trust_pickle:
+            raise CLIError(
+                f"{spec.weights} is a pickled nn.Module: loading it would run code stored in "
+                "the file, so it is refused. Save a state dict instead "
+                "(torch.save(model.state_dict(), path)) and pass --model PATH --arch NAME, "
+                "or pass --trust-pickle if you trust the file"
+            )
         console.warn(
-            f"{spec.weights} is a pickled model: loading it runs code stored in the file. Only "
-            "load files you trust; a state dict with --arch avoids this"
+            f"{spec.weights} is a pickled model: loading it runs code stored in the file "
+            "(allowed by --trust-pickle); only load files you trust"
         )
         try:
             model = torch.load(spec.weights, map_location="cpu", weights_only=False)
@@ -271,10 +319,14 @@ def build_model(spec: ModelSpec, console: Console) -> nn.Module:
         if not isinstance(model, torch.nn.Module):
             raise CLIError(f"{spec.weights} holds a {type(model).__name__}, not an nn.Module")
         return model.eval()
-    assert spec.weights is not None
+    if spec.weights is None:
+        raise CLIError(f"{spec.name} has no offline weights; pass them with --weights PATH")
     errors = []
     for source in spec.source.split("|"):
-        model = _create(source, spec.name, spec.num_classes)
+        try:
+            model = _create(source, spec.name, spec.num_classes)
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise CLIError(f"cannot build {source}'s {spec.name!r}: {one_line(err, 200)}") from err
         try:
             _load_weights(model, spec.weights, f"{source}'s {spec.name}")
         except CLIError as err:

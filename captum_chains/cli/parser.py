@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 
 from captum_chains.cli.commands import (
     cmd_demo,
@@ -22,6 +23,52 @@ def _floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
         ) from None
+
+
+def _finite(text: str) -> float:
+    """A finite number (``nan`` and ``inf`` are refused)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _nonnegative(text: str) -> float:
+    """A finite number >= 0."""
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _positive(text: str) -> float:
+    """A finite number > 0."""
+    value = _finite(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """A number in [0, 1]."""
+    value = _finite(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number between 0 and 1, got {text!r}")
+    return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def _common_parser() -> argparse.ArgumentParser:
@@ -52,16 +99,29 @@ def _model_parser(required: bool) -> argparse.ArgumentParser:
     )
     group.add_argument("--weights", help="state dict (.pt/.pth/.safetensors) for --model NAME")
     group.add_argument("--arch", help="architecture name of a state-dict file given as --model")
-    group.add_argument("--num-classes", type=int, help="classifier width of --model NAME")
+    group.add_argument("--num-classes", type=_count, help="classifier width of --model NAME")
+    group.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="allow loading a torch.save'd nn.Module (a pickle: loading it runs code stored in "
+        "the file), given as --model or named in a chain folder's model.json; only for files "
+        "you trust. Without it such files are refused; a state dict with --arch needs no trust",
+    )
     return parent
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("NeuroChains settings (default: the paper's)")
-    group.add_argument("--steps", type=int, help="maximum optimization steps (default 300)")
-    group.add_argument("--lr", type=float, help="Adam learning rate of the scores (default 0.005)")
-    group.add_argument("--l1", type=float, help="lambda, l1 weight (default: per model family)")
-    group.add_argument("--gate-penalty", type=float, help="lambda_g (default: per model family)")
+    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 300)")
+    group.add_argument(
+        "--lr", type=_positive, help="Adam learning rate of the scores (default 0.005)"
+    )
+    group.add_argument(
+        "--l1", type=_nonnegative, help="lambda, l1 weight (default: per model family)"
+    )
+    group.add_argument(
+        "--gate-penalty", type=_nonnegative, help="lambda_g (default: per model family)"
+    )
     group.add_argument("--no-gates", action="store_true", help="score filters only, no gates")
     group.add_argument(
         "--compile", action="store_true", help="run the masked forward through torch.compile"
@@ -94,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--images", required=True, help="folder of images, an image, or a glob")
     group.add_argument(
         "--n-crops",
-        type=int,
+        type=_count,
         help="build the region from this many random crops of the images (default: one input "
         "per image)",
     )
@@ -107,10 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--layers", nargs="+", help="score only these unit layers / modules")
     group.add_argument("--out", default="chain_out", help="chain folder (default chain_out)")
     group.add_argument("--force", action="store_true", help="replace a chain already in --out")
-    group.add_argument("--size", type=int, help="input side (default: the model's)")
+    group.add_argument("--size", type=_count, help="input side (default: the model's)")
     group.add_argument("--mean", type=_floats, help="normalization mean, comma-separated")
     group.add_argument("--std", type=_floats, help="normalization std, comma-separated")
-    group.add_argument("--batch-size", type=int, default=64, help="inputs per evaluation pass")
+    group.add_argument("--batch-size", type=_count, default=64, help="inputs per evaluation pass")
     _config_args(p)
     p.set_defaults(func=cmd_extract)
 
@@ -136,11 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", help="chain folder written by extract")
     p.add_argument("--output", help="the .html file (default DIR/report.html)")
     p.add_argument("--title", help="page title (default: the model's name)")
-    p.add_argument("--max-inputs", type=int, default=3, help="inputs per figure (default 3)")
-    p.add_argument("--max-filters", type=int, default=4, help="filters pictured (default 4)")
+    p.add_argument("--max-inputs", type=_count, default=3, help="inputs per figure (default 3)")
+    p.add_argument("--max-filters", type=_count, default=4, help="filters pictured (default 4)")
     p.add_argument(
         "--filter-steps",
-        type=int,
+        type=_count,
         default=128,
         help="activation-maximization steps per filter picture (default 128)",
     )
@@ -161,7 +221,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="pt: a torch.export program (.pt2; load with torch.export.load(path).module()); "
         "onnx: ONNX (default pt)",
     )
-    p.add_argument("--output", help="output file (default DIR/exported.pt2 or DIR/exported.onnx)")
+    p.add_argument(
+        "--output",
+        help="output file (default DIR/exported.pt2 or DIR/exported.onnx; a missing folder is "
+        "created)",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser(
@@ -173,9 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("dir", help="chain folder written by extract")
     p.add_argument("--images", help="folder, image or glob (default: the chain's region)")
-    p.add_argument("--n-crops", type=int, help="random crops of the images instead of one each")
+    p.add_argument("--n-crops", type=_count, help="random crops of the images instead of one each")
     p.add_argument("--out", help="output folder (default DIR/evaluation)")
-    p.add_argument("--batch-size", type=int, default=64, help="inputs per forward pass")
+    p.add_argument("--batch-size", type=_count, default=64, help="inputs per forward pass")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
@@ -193,13 +257,13 @@ def build_parser() -> argparse.ArgumentParser:
         "glob of images",
     )
     p.add_argument("--out", required=True, help="study folder")
-    p.add_argument("--regions", type=int, default=10, help="number of regions (default 10)")
-    p.add_argument("--classes-per-region", type=int, default=2)
-    p.add_argument("--per-class", type=int, default=10)
-    p.add_argument("--min-confidence", type=float, default=0.95)
+    p.add_argument("--regions", type=_count, default=10, help="number of regions (default 10)")
+    p.add_argument("--classes-per-region", type=_count, default=2)
+    p.add_argument("--per-class", type=_count, default=10)
+    p.add_argument("--min-confidence", type=_fraction, default=0.95)
     p.add_argument("--metrics", help="comma-separated subset of the study metrics")
     p.add_argument("--backend", choices=("serial", "ray"), default="serial")
-    p.add_argument("--workers", type=int, help="Ray workers")
+    p.add_argument("--workers", type=_count, help="Ray workers")
     _config_args(p)
     p.set_defaults(func=cmd_study)
 
@@ -211,8 +275,8 @@ def build_parser() -> argparse.ArgumentParser:
         "of scikit-image's chelsea and coffee photos (about 10 minutes on 2 CPU cores).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
-    p.add_argument("--n-crops", type=int, default=20, help="crops in the region (default 20)")
-    p.add_argument("--steps", type=int, default=300, help="optimization steps (default 300)")
+    p.add_argument("--n-crops", type=_count, default=20, help="crops in the region (default 20)")
+    p.add_argument("--steps", type=_count, default=300, help="optimization steps (default 300)")
     p.set_defaults(func=cmd_demo)
     return parser
 
