@@ -331,6 +331,11 @@ def _select(
     if layers is not None:
         if isinstance(layers, str):
             layers = [layers]
+        if len(layers) == 0:
+            raise ValueError(
+                "layers=[] selects no unit layer, so the chain would be empty; pass "
+                "layers=None to score every unit layer, or name at least one layer or module"
+            )
         names = [u.name for u in units]
         chosen: set[str] = set()
         for request in layers:
