@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -42,7 +43,7 @@ from captum_chains.studies.evaluate import (
 from captum_chains.studies.regions import Region, as_regions
 from captum_chains.studies.result import StudyResult
 from captum_chains.studies.storage import StudyStore
-from captum_chains.subnetwork import SubNetwork
+from captum_chains.subnetwork import SubNetwork, weights_digest
 from captum_chains.units.discovery import architecture_fingerprint
 
 Backend = Literal["serial", "ray"]
@@ -172,8 +173,10 @@ def run_study(
     ------
     ValueError
         For bad regions (fewer than 2 inputs, duplicate ids), a missing pool, an
-        ``out_dir`` holding a study with another model / config / settings, or a
-        finished region whose inputs changed.
+        ``out_dir`` holding a study with another model / config / settings, a finished
+        region whose inputs changed, or a damaged part (a truncated or edited file, see
+        :mod:`~captum_chains.studies.storage`) of a region not given in ``regions``;
+        damaged parts of the regions given are computed again (with a warning).
     """
     regions_list = as_regions(regions)
     cfg = _config(config)
@@ -236,6 +239,20 @@ def run_study(
     store.write_manifest(manifest)
 
     finished = store.finished()
+    requested = {r.region_id for r in regions_list}
+    lost = {rid: problem for rid, problem in store.damaged.items() if rid not in requested}
+    if lost:
+        listed = "; ".join(f"{rid}: {problem}" for rid, problem in sorted(lost.items())[:5])
+        raise ValueError(
+            f"{store.root} holds damaged parts of regions this call does not recompute "
+            f"({listed}); pass those regions again to recompute them, delete their folders "
+            "under parts/, or pass resume=False to start over"
+        )
+    for rid, problem in sorted(store.damaged.items()):
+        warnings.warn(
+            f"the stored part of region {rid!r} is damaged ({problem}); computing it again",
+            stacklevel=2,
+        )
     todo = []
     for region in regions_list:
         row = finished.get(region.region_id)
@@ -250,11 +267,15 @@ def run_study(
     groups = _groups(todo, regions_per_task)
     target = torch.device(device) if device is not None else None
 
+    digest = weights_digest(model) if save_subnetworks else None  # once, not per region
+
     def write(tables: RegionTables) -> None:
         sub = None
         if save_subnetworks and tables.scores is not None and tables.structure is not None:
             assert tables.gates_open is not None
-            sub = SubNetwork(model, tables.structure, tables.scores, tables.gates_open)
+            sub = SubNetwork(
+                model, tables.structure, tables.scores, tables.gates_open, digest=digest
+            )
         store.write_region(tables, sub)
         if on_region is not None:
             on_region(tables)

@@ -10,17 +10,24 @@
         inputs.parquet           one row per input
         stability.parquet        one row per K
         subnetwork.safetensors   the sub-network (optional)
+        checksums.json           size and SHA-256 of each file above
       regions.parquet, filters.parquet, inputs.parquet, stability.parquet
                                  the concatenated tables (rebuilt from parts/)
 
 A region's folder is written under a temporary name and renamed into place in one
 ``os.rename`` (atomic on POSIX file systems), so after a crash every folder in
 ``parts/`` is complete, and half-written temporary folders are ignored and removed on
-the next run. CSV can replace Parquet (``fmt="csv"``).
+the next run. A part damaged afterwards (a truncated or edited file: its size or hash no
+longer matches ``checksums.json``) is never read as if it were complete:
+:meth:`StudyStore.finished` leaves it out and reports it in :attr:`StudyStore.damaged`
+(``run_study`` recomputes such regions or stops with a ``ValueError``), and
+:meth:`StudyStore.collect` raises ``ValueError`` naming it. CSV can replace Parquet
+(``fmt="csv"``).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -32,6 +39,7 @@ from captum_chains.studies.evaluate import RegionTables
 
 TABLES: tuple[str, ...] = ("regions", "filters", "inputs", "stability")
 MANIFEST = "study.json"
+CHECKSUMS = "checksums.json"
 FORMAT = "captum-chains/study-v1"
 _TMP_PREFIX = ".tmp-"
 
@@ -79,13 +87,24 @@ class StudyStore:
         self.root = Path(out_dir)
         self.fmt = fmt
         self.parts = self.root / "parts"
+        #: Region id -> what is wrong with its part, filled by :meth:`finished`.
+        self.damaged: dict[str, str] = {}
 
     # ------------------------------------------------------------------ manifest
     def read_manifest(self) -> dict[str, Any] | None:
         path = self.root / MANIFEST
         if not path.exists():
             return None
-        return json.loads(path.read_text())
+        try:
+            manifest = json.loads(path.read_bytes().decode("utf-8"))
+        except (ValueError, RecursionError) as err:
+            raise ValueError(
+                f"{path} is damaged ({err}); delete it to resume the study's parts under the "
+                "current settings, or pass resume=False to start over"
+            ) from err
+        if not isinstance(manifest, dict):
+            raise ValueError(f"{path} is not a study manifest (a JSON object)")
+        return manifest
 
     def write_manifest(self, manifest: dict[str, Any]) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -117,11 +136,54 @@ class StudyStore:
         ]
 
     def finished(self) -> dict[str, dict[str, Any]]:
-        """Region id -> its stored row, for every complete region folder."""
-        return {
-            rid: _read_frame(self.parts / rid / f"regions.{self._ext}", self.fmt).iloc[0].to_dict()
-            for rid in self.finished_ids()
-        }
+        """Region id -> its stored row, for every complete, intact region folder.
+
+        Damaged folders are left out and recorded in :attr:`damaged`.
+        """
+        self.damaged = {}
+        out = {}
+        for rid in self.finished_ids():
+            problem = self.check_part(rid)
+            row = None
+            if problem is None:
+                try:
+                    frame = _read_frame(self.parts / rid / f"regions.{self._ext}", self.fmt)
+                    row = frame.iloc[0].to_dict() if len(frame) == 1 else None
+                except Exception as err:  # pandas / pyarrow raise many types on damaged files
+                    problem = f"its regions table cannot be read ({type(err).__name__})"
+                else:
+                    if row is None:
+                        problem = f"its regions table holds {len(frame)} rows, not 1"
+            if problem is not None:
+                self.damaged[rid] = problem
+            else:
+                out[rid] = row
+        return out
+
+    def check_part(self, region_id: str) -> str | None:
+        """What is wrong with a region's folder (``None`` if it is intact).
+
+        Compares each file with the size and SHA-256 recorded in ``checksums.json`` when
+        the part was written; folders of older versions without checksums pass.
+        """
+        folder = self.parts / region_id
+        path = folder / CHECKSUMS
+        if not path.exists():
+            return None
+        try:
+            recorded = json.loads(path.read_bytes().decode("utf-8"))
+            items = [(str(k), int(v["bytes"]), str(v["sha256"])) for k, v in recorded.items()]
+        except (ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            return f"its {CHECKSUMS} is damaged"
+        for name, size, digest in items:
+            file = folder / name
+            if Path(name).name != name or not file.is_file():
+                return f"{name} is missing"
+            if file.stat().st_size != size:
+                return f"{name} has {file.stat().st_size} bytes instead of {size} (truncated?)"
+            if _sha256(file) != digest:
+                return f"{name} does not match its checksum (damaged)"
+        return None
 
     @property
     def _ext(self) -> str:
@@ -145,6 +207,11 @@ class StudyStore:
             if subnetwork is not None:
                 subnetwork.save(tmp / "subnetwork.safetensors")
             _write_frame(pd.DataFrame([tables.region]), tmp / f"regions.{self._ext}", self.fmt)
+            sums = {
+                f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)}
+                for f in sorted(tmp.iterdir())
+            }
+            (tmp / CHECKSUMS).write_text(json.dumps(sums, indent=1))
             final = self.parts / rid
             old = None
             if final.exists():
@@ -173,6 +240,9 @@ class StudyStore:
         ids.sort(key=lambda r: (rank.get(r, len(rank)), r))
         frames: dict[str, list[Any]] = {name: [] for name in TABLES}
         for rid in ids:
+            problem = self.check_part(rid)
+            if problem is not None:
+                raise ValueError(_damaged_message(self.parts / rid, problem))
             for name in TABLES:
                 path = self.parts / rid / f"{name}.{self._ext}"
                 if path.exists() and path.stat().st_size > 0:
@@ -180,6 +250,10 @@ class StudyStore:
                         frame = _read_frame(path, self.fmt)
                     except pd.errors.EmptyDataError:
                         continue
+                    except Exception as err:  # pandas / pyarrow raise many types
+                        raise ValueError(
+                            _damaged_message(path.parent, f"{path.name} cannot be read ({err})")
+                        ) from err
                     if len(frame):
                         frames[name].append(frame)
         return {
@@ -191,3 +265,18 @@ class StudyStore:
         """Write the concatenated tables atomically next to ``parts/``."""
         for name, frame in tables.items():
             atomic_write_frame(frame, self.root / f"{name}.{self._ext}", self.fmt)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _damaged_message(folder: Path, problem: str) -> str:
+    return (
+        f"the study part {folder} is damaged: {problem}; run run_study again with this "
+        "region to recompute it, or delete the folder"
+    )
