@@ -105,8 +105,8 @@ def main() -> None:
         report[f"{method}_matching_error_max"] = float(res.matching_error.max())
         report[f"{method}_loss_mean"] = float(res.loss.mean())
         for frac in (0.05, 0.10, 0.20):
-            s_and = res.generalization("and", top_k=frac)
-            s_or = res.generalization("or", top_k=frac)
+            s_and = res.generalization("and", fraction=frac)
+            s_or = res.generalization("or", fraction=frac)
             report[f"{method}_s_and@{frac}"] = float(s_and.mean())
             report[f"{method}_s_or@{frac}"] = float(s_or.mean())
             lines.append(f"| {method} | {frac:.0%} | {_stats(s_and)} | {_stats(s_or)} |")
@@ -145,8 +145,8 @@ def main() -> None:
         )
         for method, res in results.items():
             for frac in (0.05, 0.10, 0.20):
-                s_and = res.generalization("and", top_k=frac)
-                s_or = res.generalization("or", top_k=frac)
+                s_and = res.generalization("and", fraction=frac)
+                s_or = res.generalization("or", fraction=frac)
                 writer.writerow(
                     [
                         method,

@@ -18,6 +18,9 @@ where the LP finished. The rows feed ``AUTO_RULE`` in
 ``captum_chains/interactions/optimize.py``: the fastest solver within 0.1 % of the
 optimum at that size.
 
+``--mode markdown`` prints the table of finished ``--mode table`` runs (the one in
+``docs/interactions.md``; ``--out a,b``: rows of ``b`` replace those of ``a``).
+
 ``--mode n16``: one end-to-end ``attribute()`` call on a tabular MLP with 16 players
 (65 536 masked inputs per sample) with the default (``auto``) configuration, timed by
 part: model evaluations and solver.
@@ -40,7 +43,7 @@ import torch
 from torch import nn
 
 from captum_chains.interactions import InteractionConfig, InteractionPrimitives
-from captum_chains.interactions.optimize import SolverConfig
+from captum_chains.interactions.optimize import SolverConfig, choose_solver
 
 FEATURES = 16
 
@@ -180,9 +183,49 @@ def run_n16(args: argparse.Namespace) -> None:
         print("  strongest:", ", ".join(str(i) for i in res.top("and", k=3)), flush=True)
 
 
+def _pct(text: str) -> str:
+    value = float(text)
+    return f"{value:.2g}" if value < 10 else f"{value:.0f}"
+
+
+def _cell(row: dict | None) -> str:
+    if row is None or not row["seconds"]:
+        return "—"
+    if row["note"].startswith("did not finish"):
+        return f"> {float(row['seconds']):.0f} s"
+    est = "~" if row["note"].startswith("time extrapolated") else ""
+    out = f"{est}{float(row['seconds']):.3g} s"
+    parts = []
+    if row["solver"] != "lp" and row["gap_pct"]:
+        parts.append(f"{_pct(row['gap_pct'])} %")
+    if row["solver"] == "pdhg" and row["cert_gap_pct"]:
+        parts.append(f"cert. {_pct(row['cert_gap_pct'])} %")
+    return out + (f" ({', '.join(parts)})" if parts else "")
+
+
+def render(csv_paths: list[str]) -> str:
+    """Markdown table of ``--mode table`` CSVs (later files replace earlier rows)."""
+    rows = []
+    for path in csv_paths:
+        with open(path) as handle:
+            rows += list(csv.DictReader(handle))
+    cell = {(int(r["n"]), int(r["models"]), r["solver"]): r for r in rows}
+    sizes = sorted({int(r["n"]) for r in rows})
+    head = "| n | 1 model: LP | PDHG | SGD (reference) | auto | 3 models: LP | PDHG | SGD | auto |"
+    lines = [head, "|" + "---|" * 9]
+    for n in sizes:
+        parts = [str(n)]
+        for m in (1, 3):
+            for solver in ("lp", "pdhg", "sgd"):
+                parts.append(_cell(cell.get((n, m, solver))))
+            parts.append(f"`{choose_solver(n, m > 1)}`")
+        lines.append("| " + " | ".join(parts) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--mode", choices=("table", "n16"), default="table")
+    parser.add_argument("--mode", choices=("table", "n16", "markdown"), default="table")
     parser.add_argument("--sizes", default="6,7,8,9,10,11,12,13,14,15,16")
     parser.add_argument("--models", default="1,3")
     parser.add_argument("--lp-limit", type=float, default=300.0)
@@ -195,7 +238,9 @@ def main() -> None:
     parser.add_argument("--out", default="out/interactions_solvers")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    if args.mode == "table":
+    if args.mode == "markdown":
+        print(render([f"{path}.csv" for path in args.out.split(",")]))
+    elif args.mode == "table":
         run_table(args)
     else:
         run_n16(args)

@@ -22,7 +22,7 @@ from captum_chains.interactions.optimize import Problem, problem_loss, solve
 from captum_chains.interactions.players import resolve_baselines, validate_players
 from captum_chains.interactions.values import log_odds
 
-FAST = SolverConfig(iterations=400)
+FAST = SolverConfig(iterations=400)  # "auto": the exact LP at these sizes
 
 
 def assert_close(a: torch.Tensor, b: torch.Tensor, atol: float) -> None:

@@ -144,19 +144,28 @@ def dual_bound(
     ``D`` is positively homogeneous, so an infeasible ``U1`` is repaired by scaling the
     whole dual point by the largest feasible factor.
     """
-    shared = u3 is not None
     rt = or_interactions_adjoint(u2)
-    if shared:
+    if u3 is not None:  # Eq. (6)
         u3 = u3 - u3.mean(dim=1, keepdim=True)
         eps_dual = rt - 0.5 * u3
         need = superset_zeta(rt - u3)
         value = (u2 * or_interactions(v)).sum((1, 2)) - 0.5 * (u3 * v).sum((1, 2))
         value = value - (p * u3.abs()).sum((1, 2))
         value = value - (q * eps_dual.abs()).sum((1, 2))
-        return _max_feasible_scale(need, w_max, alpha, shared) * value
+        return _max_feasible_scale(need, w_max, alpha, True) * value
     need = superset_zeta(rt)
     value = (u2 * or_interactions(v)).sum(-1) - (q * rt.abs()).sum(-1)  # [B, m]
-    return (_max_feasible_scale(need, w_max, alpha, shared) * value).sum(1)
+    return (_max_feasible_scale(need, w_max, alpha, False) * value).sum(1)
+
+
+def _loss(half: torch.Tensor, gamma: torch.Tensor, problem: Problem) -> torch.Tensor:
+    return objective(
+        and_interactions(half + gamma),
+        or_interactions(half - gamma),
+        problem.shared,
+        problem.alpha,
+        problem.weighting,
+    )
 
 
 def solve_pdhg(problem: Problem, config: SolverConfig, progress: bool = True) -> Solution:
@@ -227,17 +236,22 @@ def solve_pdhg(problem: Problem, config: SolverConfig, progress: bool = True) ->
             u3 = _soft(u3 + sig3 * y3, sig3 * p)
         if it % config.check_every == 0 or it == iters - 1:
             w = v + e
-            gamma = zeta(a) - 0.5 * w
-            if shared:
-                gamma = g + torch.maximum(torch.minimum(gamma - g, p), -p)
             half = 0.5 * w
-            loss = objective(
-                and_interactions(half + gamma),
-                or_interactions(half - gamma),
-                shared,
-                alpha,
-                problem.weighting,
-            )
+            raw = zeta(a) - half
+            if not shared:
+                gamma = raw
+                loss = _loss(half, gamma, problem)
+            else:
+                # the iterate may leave the γ̂ box: repair it around the shared part γ̄
+                # and around the centre of the models' γ, and keep the better per sample
+                gamma = g + torch.maximum(torch.minimum(raw - g, p), -p)
+                loss = _loss(half, gamma, problem)
+                centre = 0.5 * (raw.amax(1, keepdim=True) + raw.amin(1, keepdim=True))
+                other = centre + torch.maximum(torch.minimum(raw - centre, p), -p)
+                other_loss = _loss(half, other, problem)
+                take = other_loss < loss
+                gamma = torch.where(take[:, None, None], other, gamma)
+                loss = torch.where(take, other_loss, loss)
             better = loss < best
             best = torch.where(better, loss, best)
             sel = better[:, None, None]
