@@ -17,12 +17,16 @@ from captum_chains.cli.commands import (
 
 
 def _floats(text: str) -> list[float]:
+    """Comma-separated finite numbers."""
     try:
-        return [float(v) for v in text.split(",")]
+        values = [float(v) for v in text.split(",")]
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected comma-separated numbers, got {text!r}"
         ) from None
+    if not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected finite numbers, got {text!r}")
+    return values
 
 
 def _finite(text: str) -> float:
