@@ -19,6 +19,7 @@ statistics merge them into the AND interaction by default (``merge_low_order=Tru
 from __future__ import annotations
 
 import math
+import operator
 import warnings
 from dataclasses import dataclass, field
 from typing import Any
@@ -339,7 +340,13 @@ class InteractionResult:
         """
         if kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        try:
+            if isinstance(k, bool):
+                raise TypeError
+            k = operator.index(k)  # ints, numpy and 0-d torch integers; not floats
+        except TypeError:
+            raise ValueError(f"k must be a positive int, got {k!r}") from None
+        if k < 1:
             raise ValueError(f"k must be a positive int, got {k!r}")
         inter = self.interactions(kind)[sample, model].clone()
         inter[0] = 0.0
