@@ -13,9 +13,9 @@ after an interruption) and the paper's statistics to
 Digits config: the paper's penalties close every gate of these tiny CNNs and keep too
 few filters, so the CNN studies use gate_penalty=0.05 and a per-architecture l1 chosen on
 a small sweep (docs/metrics.md, "Digits studies"); the ViT uses its family defaults
-(l1=0.0065, gate_penalty=0, docs/vit.md); steps=80 with lr=0.02 instead of
-300 with 0.005 keeps the total score travel (Adam moves a score by about lr per step)
-at a quarter of the cost, which the shared 2-core CPU needs for 100+ regions.
+(l1=0.0065, gate_penalty=0, docs/vit.md). The optimization schedule is the package
+default (proximal Adam, docs/defaults.md); ``--schedule paper-era`` reruns the first
+wave's schedule (Adam, lr 0.02, 80 + 20 steps, gates from alpha 0).
 
 Run (in the background; about an hour on the shared 2-core CPU)::
 
@@ -47,16 +47,22 @@ LOWER, UPPER = (0 - 0.3) / 0.4, (1 - 0.3) / 0.4
 EPSILON = 0.1 / 0.4
 
 
-def digits_config(arch: str, l1: float | None = None) -> dict:
+def digits_config(arch: str, l1: float | None = None, schedule: str = "default") -> dict:
     """The NeuroChains config of the digits studies."""
     default_l1, gate_penalty = DIGITS_PENALTIES[arch]
-    return {
-        "l1": default_l1 if l1 is None else l1,
-        "gate_penalty": gate_penalty,
-        "lr": 0.02,
-        "steps": 80,
-        "finetune_steps": 20,
-    }
+    config = {"l1": default_l1 if l1 is None else l1, "gate_penalty": gate_penalty}
+    if schedule == "paper-era":  # the first wave's studies
+        config.update(
+            optimizer="adam",
+            lr=0.02,
+            steps=80,
+            finetune_steps=20,
+            alpha_init=0.0,
+            lr_final_fraction=1.0,
+            early_stop_delta=0.02,
+            layer_gates=True,
+        )
+    return config
 
 
 def run(arch: str, n_regions: int, args: argparse.Namespace) -> dict:
@@ -70,7 +76,8 @@ def run(arch: str, n_regions: int, args: argparse.Namespace) -> dict:
         model,
         regions,
         out,
-        config=digits_config(arch, args.l1),
+        config=digits_config(arch, args.l1, args.schedule),
+        metrics=tuple(args.metrics),
         pool=data.x_test,
         pool_labels=data.y_test,
         ks=(1, 5, 10, 20),
@@ -102,6 +109,13 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "study_digits"))
     parser.add_argument("--retry-failed", action="store_true", help="rerun failed regions")
     parser.add_argument("--figures-only", action="store_true")
+    parser.add_argument("--schedule", default="default", choices=["default", "paper-era"])
+    parser.add_argument(
+        "--metrics",
+        nargs="+",
+        default=["fidelity", "faithfulness", "quotient", "stability", "robustness", "firing"],
+        help="metrics to run (fidelity always runs)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     if not args.figures_only:

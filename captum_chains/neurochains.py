@@ -47,7 +47,7 @@ from captum_chains.objectives import gate_penalty, kl_divergence, l1_penalty
 from captum_chains.optim import ProximalAdam, cosine_schedule
 from captum_chains.path import ChainPath, FidelityTarget, PathPoint
 from captum_chains.result import Chain
-from captum_chains.subnetwork import SubNetwork
+from captum_chains.subnetwork import SubNetwork, weights_digest
 from captum_chains.units.base import ModelStructure
 from captum_chains.units.discovery import discover
 
@@ -442,6 +442,7 @@ class _Optimization:
         self.forward = _compiled(model, config.compile)
         self.start = time.perf_counter()
         self.histories: list[list[dict[str, Any]]] = [[] for _ in range(regions)]
+        self.digest = weights_digest(model)  # once per run, shared by its chains
 
     # -- mask views ---------------------------------------------------------
     def _state(
@@ -873,7 +874,7 @@ class _Optimization:
         kl: float,
         finetuned: bool,
     ) -> Chain:
-        subnetwork = SubNetwork(self.model, self.structure, final, gates_open)
+        subnetwork = SubNetwork(self.model, self.structure, final, gates_open, digest=self.digest)
         l1, lg = self.l1_weight, self.gate_weight
         return Chain(
             importance=subnetwork.importance,

@@ -1,18 +1,20 @@
 """Proximal Adam for NeuroChains' l1-penalized scores (Eq. 8), and its step schedule.
 
-The score objective ``KL(S) + lambda * ||S||_1`` with ``S >= 0`` is a smooth term plus a
-non-smooth one, the setting of proximal gradient methods (ISTA/FISTA; scikit-learn's
-coordinate descent solves the same lasso-type problem). :class:`ProximalAdam` takes a
-gradient step on the smooth part only, in the diagonal metric
-``D = sqrt(v_hat + lambda**2)`` built from Adam's second moment ``v_hat`` of the smooth
-gradient, then applies the closed-form proximal operator of ``lambda * |s|`` (plus the
-constraint ``s >= 0`` when asked) in that metric:
+The score objective ``KL(S) + lambda * ||S||_1`` is a smooth term plus a non-smooth one,
+the setting of proximal gradient methods (ISTA/FISTA; scikit-learn's coordinate descent
+solves the same lasso-type problem). :class:`ProximalAdam` takes a gradient step on the
+smooth part only, in Adam's diagonal metric ``D = sqrt(v_hat) + eps``, then applies the
+closed-form proximal operator of the l1 term (and of the constraint ``s >= 0`` when
+asked) in that metric:
 
     s <- prox(s - lr * m_hat / D),   prox(z) = soft_threshold(z, lr * lambda / D)
 
-Scores whose smooth gradient cannot outweigh lambda land *exactly* on zero and stay there;
-``lambda**2`` in ``D`` bounds the shrinkage to ``lr`` per step where the smooth gradient
-vanishes (as it does at the start, where the scored network equals the model). A fixed
+Scores whose smooth gradient cannot outweigh lambda land *exactly* on zero and stay there
+(a plain subgradient method makes them oscillate around zero instead). ``v_hat`` is the
+second moment of the gradient of the whole objective, ``g + lambda * sign(s)`` (on
+``s >= 0`` the l1 norm is linear, so that is ``g + lambda``): every score then moves at
+Adam's rate of about ``lr`` per step, including the marginal ones whose smooth gradient
+nearly balances lambda, which a metric built from ``g`` alone would slow down. A fixed
 point of the iteration is a stationary point of Eq. 8 (the proximal-gradient optimality
 condition), whatever the metric.
 """
@@ -104,11 +106,15 @@ class ProximalAdam(torch.optim.Optimizer):
                 state["step"] += 1
                 t = state["step"]
                 m, v = state["m"], state["v"]
+                # gradient of the whole objective, for the metric only
+                if group["nonnegative"]:
+                    whole = p.grad + l1
+                else:
+                    whole = p.grad + l1 * torch.sign(p)
                 m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                v.mul_(beta2).addcmul_(whole, whole, value=1 - beta2)
                 m_hat = m / (1 - beta1**t)
-                v_hat = v / (1 - beta2**t)
-                metric = (v_hat + l1 * l1).sqrt() if l1 > 0 else v_hat.sqrt().add_(eps)
+                metric = (v / (1 - beta2**t)).sqrt().add_(eps)
                 z = p - lr * m_hat / metric
                 if l1 > 0 or group["nonnegative"]:
                     threshold = lr * l1 / metric
