@@ -653,3 +653,42 @@ def test_preprocessing_crops_resizes_and_normalizes(tmp_path: Path) -> None:
     torch.testing.assert_close(crops, prep.inputs([photo], n_crops=5, seed=0))
     with pytest.raises(Exception, match="--mean needs 1 or 3 values"):
         Preprocessing(30, 3, (0.5, 0.5), (0.2,))
+
+
+def test_extract_with_a_fidelity_target_equals_the_library_call(
+    work: Path, chain_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--fidelity/--max-kl select on the path exactly as attribute(fidelity=...) does."""
+    out = work / "chain_fidelity"
+    argv = [
+        "extract", "--model", "digits_vgg", "--weights", str(work / "vgg.pt"),
+        "--images", str(work / "images"), "--out", str(out), "--steps", "12",
+        "--finetune-steps", "3", "--gate-penalty", "0.05", "--fidelity", "0.75",
+        "--max-kl", "0.5", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    code, _, err = _main(argv, capsys)
+    assert code == 0, err
+    model = _vgg(work)
+    chain = ChainExtractor(model, steps=12, finetune_steps=3, gate_penalty=0.05).attribute(
+        _region(out), progress=False, seed=0, fidelity={"min_agreement": 0.75, "max_kl": 0.5}
+    )
+    saved = SubNetwork.load(out / "subnetwork.safetensors", model)
+    torch.testing.assert_close(saved.scores, chain.subnetwork.scores, rtol=1e-5, atol=1e-6)
+
+
+def test_paper_flag_and_fidelity_limits_need_their_option(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = [
+        "extract", "--model", "digits_vgg", "--weights", str(work / "vgg.pt"),
+        "--images", str(work / "images"), "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    code, _, err = _main([*base, "--out", str(work / "x"), "--max-kl", "0.1"], capsys)
+    assert code != 0
+    _assert_one_error_line(err, "--fidelity")
+    out = work / "chain_paper"
+    argv = [*base, "--out", str(out), "--paper", "--steps", "5", "--finetune-steps", "0"]
+    code, _, err = _main(argv, capsys)
+    assert code == 0, err
+    saved = json.loads((out / "chain.json").read_text())
+    assert "adam" in json.dumps(saved)

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from captum_chains.config import ChainConfig
+    from captum_chains.path import FidelityTarget
+
 
 def parse_target(
     text: str | None, model: nn.Module, inputs: torch.Tensor, categories: list[str] | None
@@ -104,7 +107,7 @@ def cmd_extract(args: argparse.Namespace, console: Console) -> int:
     if inputs.shape[0] < 2:
         console.warn("a region of one input; NeuroChains explains groups of 10-50 similar inputs")
     inputs = inputs.to(device)
-    extractor = ChainExtractor(model, **_config_overrides(args))
+    extractor = ChainExtractor(model, _config(args))
     structure = extractor.discover(inputs, layers=args.layers, gates=not args.no_gates)
     categories = categories_for(structure.num_classes)
     target = parse_target(args.target, model, inputs, categories)
@@ -120,6 +123,7 @@ def cmd_extract(args: argparse.Namespace, console: Console) -> int:
         gates=not args.no_gates,
         progress=not console.quiet,
         seed=args.seed,
+        fidelity=_fidelity_target(args),
     )
     seconds = time.perf_counter() - start
     numbers, rows = fidelity_summary(chain.subnetwork, inputs, args.batch_size)
@@ -159,17 +163,33 @@ def cmd_extract(args: argparse.Namespace, console: Console) -> int:
     return 0
 
 
-def _config_overrides(args: argparse.Namespace) -> dict[str, Any]:
+def _config(args: argparse.Namespace) -> ChainConfig:
+    """``ChainConfig()`` (or ``ChainConfig.paper()`` with ``--paper``) with the options set."""
+    from captum_chains.config import ChainConfig
+
     overrides: dict[str, Any] = {}
-    for name in ("steps", "l1", "gate_penalty", "lr"):
-        value = getattr(args, name)
+    for name in ("steps", "finetune_steps", "l1", "gate_penalty", "lr"):
+        value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
     if args.no_gates:
         overrides["use_gates"] = False
     if args.compile:
         overrides["compile"] = True
-    return overrides
+    base = ChainConfig.paper() if getattr(args, "paper", False) else ChainConfig()
+    return base.replace(**overrides)
+
+
+def _fidelity_target(args: argparse.Namespace) -> FidelityTarget | None:
+    """The ``--fidelity`` / ``--max-kl`` / ``--max-drop`` target, or None."""
+    from captum_chains.path import FidelityTarget
+
+    limits = (getattr(args, "max_kl", None), getattr(args, "max_drop", None))
+    if getattr(args, "fidelity", None) is None:
+        if any(v is not None for v in limits):
+            raise CLIError("--max-kl and --max-drop refine --fidelity; pass --fidelity too")
+        return None
+    return FidelityTarget(min_agreement=args.fidelity, max_kl=limits[0], max_drop=limits[1])
 
 
 def cmd_show(args: argparse.Namespace, console: Console) -> int:
@@ -258,7 +278,6 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         from captum_chains.studies import METRICS, plot_study, run_study, sample_regions
     except ImportError as err:
         raise CLIError(f"studies not available in this installation ({err})") from err
-    from captum_chains.config import ChainConfig
 
     device = parse_device(args.device)
     spec = resolve_model(args.model, args.weights, args.arch, args.num_classes)
@@ -294,12 +313,11 @@ def cmd_study(args: argparse.Namespace, console: Console) -> int:
         min_confidence=args.min_confidence,
         seed=args.seed,
     )
-    overrides = _config_overrides(args)
     result = run_study(
         model,
         regions,
         args.out,
-        config=ChainConfig(**overrides),
+        config=_config(args),
         pool=None if pool is None else pool.to(device),
         pool_labels=None if pool_labels is None else pool_labels.to(device),
         backend=args.backend,

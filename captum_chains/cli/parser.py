@@ -75,6 +75,17 @@ def _count(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    """A whole number >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return value
+
+
 def _common_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     group = common.add_argument_group("run options")
@@ -115,11 +126,22 @@ def _model_parser(required: bool) -> argparse.ArgumentParser:
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("NeuroChains settings (default: the paper's)")
-    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 300)")
-    group.add_argument(
-        "--lr", type=_positive, help="Adam learning rate of the scores (default 0.005)"
+    group = parser.add_argument_group(
+        "NeuroChains settings (default: ChainConfig(), proximal Adam; see docs/defaults.md)"
     )
+    group.add_argument(
+        "--paper",
+        action="store_true",
+        help="start from ChainConfig.paper(): the paper's exact schedule (Adam lr 0.005, "
+        "300 + 50 steps, its stopping rule); the options below still override it",
+    )
+    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 60)")
+    group.add_argument(
+        "--finetune-steps",
+        type=_nonnegative_int,
+        help="fine-tuning steps when the thresholded KL exceeds 0.1 (default 20; 0: none)",
+    )
+    group.add_argument("--lr", type=_positive, help="learning rate of the scores (default 0.05)")
     group.add_argument(
         "--l1", type=_nonnegative, help="lambda, l1 weight (default: per model family)"
     )
@@ -129,6 +151,25 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-gates", action="store_true", help="score filters only, no gates")
     group.add_argument(
         "--compile", action="store_true", help="run the masked forward through torch.compile"
+    )
+
+
+def _fidelity_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("fidelity target (extract)")
+    group.add_argument(
+        "--fidelity",
+        type=_fraction,
+        help="minimum top-1 agreement of the sub-network with the model on the region: "
+        "computes the sparsity-fidelity path (8 lambdas, about twice one chain) and keeps "
+        "the sparsest chain that meets it",
+    )
+    group.add_argument(
+        "--max-kl", type=_nonnegative, help="with --fidelity: also a maximum KL on the region"
+    )
+    group.add_argument(
+        "--max-drop",
+        type=_nonnegative,
+        help="with --fidelity: also a maximum mean drop of the model's class probability",
     )
 
 
@@ -176,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--std", type=_floats, help="normalization std, comma-separated")
     group.add_argument("--batch-size", type=_count, default=64, help="inputs per evaluation pass")
     _config_args(p)
+    _fidelity_args(p)
     p.set_defaults(func=cmd_extract)
 
     p = sub.add_parser(
