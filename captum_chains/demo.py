@@ -88,12 +88,15 @@ def plot_layer_scores(chain: Chain, path: Path) -> None:
 def run_demo(
     out: str | Path = "demo_out",
     n: int = 20,
-    steps: int = 300,
+    steps: int | None = None,
     photos: tuple[str, ...] = ("chelsea", "coffee"),
     seed: int = 0,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Extract and report the chain; returns the printed numbers as a dict."""
+    """Extract and report the chain; returns the printed numbers as a dict.
+
+    ``steps=None`` keeps the default of :class:`~captum_chains.ChainConfig`.
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     model = load_efficientnet_lite0()
@@ -104,7 +107,8 @@ def run_demo(
     names = sorted({categories[c] for c in classes})
     print(f"region: {n} crops of {', '.join(photos)}; the model predicts {names}")
     start = time.perf_counter()
-    chain = ChainExtractor(model, steps=steps).attribute(inputs, progress=progress, seed=seed)
+    overrides = {} if steps is None else {"steps": steps}
+    chain = ChainExtractor(model, **overrides).attribute(inputs, progress=progress, seed=seed)
     seconds = time.perf_counter() - start
     print(chain.summary())
     numbers = fidelity_numbers(model, chain, inputs)
@@ -140,7 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", default="demo_out", help="output folder")
     parser.add_argument("--n", type=int, default=20, help="number of crops in the region")
-    parser.add_argument("--steps", type=int, default=300, help="optimization steps")
+    parser.add_argument(
+        "--steps", type=int, default=None, help="optimization steps (default: ChainConfig's)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)

@@ -225,12 +225,11 @@ plt.show()
 # its channel in the activation that follows it (traced through BN) is kept.
 # `pathway_chain_overlap` reports, per input, the fraction of the chain's kept filters
 # on the pathway and vice versa, with the level a random set of the same size would
-# reach. (A short chain optimization keeps this tutorial fast; the benchmark uses the
-# full default.)
+# reach.
 
 # %%
 region = data.x_test[data.y_test == 3][:10]
-chain = ChainExtractor(model, steps=60).attribute(region, progress=False, seed=0)
+chain = ChainExtractor(model).attribute(region, progress=False, seed=0)
 region_pathways = cp.attribute(region, target=3, percentile=85)
 overlap = pathway_chain_overlap(chain, region_pathways)
 print({k: round(v, 3) for k, v in overlap.summary().items()})

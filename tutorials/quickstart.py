@@ -24,10 +24,9 @@
 #
 # ```{note}
 # So that the documentation builds in a few minutes on a CPU, this page uses a **small
-# region of 4 crops** and a **short optimization: 100 steps at learning rate 0.02** instead
-# of the paper's 300 steps at 0.005 (the scores can travel as far). The README's demo,
-# `captum-chains demo` or `python -m captum_chains.demo`, runs the paper's setting on 20
-# crops (about 10 minutes on 2 CPU cores).
+# region of 4 crops** with the default settings (proximal Adam, at most 60 steps). The
+# README's demo, `captum-chains demo` or `python -m captum_chains.demo`, runs the same
+# settings on 20 crops (a few minutes on 2 CPU cores).
 # ```
 
 # %%
@@ -71,7 +70,7 @@ plt.show()
 import time
 
 start = time.perf_counter()
-chain = ChainExtractor(model, steps=100, lr=0.02).attribute(inputs, progress=False, seed=0)
+chain = ChainExtractor(model).attribute(inputs, progress=False, seed=0)
 seconds = time.perf_counter() - start
 print(f"{len(chain.history)} steps (optimization, then fine-tuning) in {seconds:.0f} s")
 print(chain.summary())

@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--n-crops", type=_count, default=20, help="crops in the region (default 20)")
-    p.add_argument("--steps", type=_count, default=300, help="optimization steps (default 300)")
+    p.add_argument("--steps", type=_count, help="optimization steps (default: ChainConfig's, 60)")
     p.set_defaults(func=cmd_demo)
     return parser
 
