@@ -4,13 +4,16 @@ Public API
 ----------
 ChainExtractor, ChainConfig, Chain, SubNetwork
     NeuroChains (Wang, Zhou and Bilmes, TMLR 2022).
+ChainPath, PathPoint, FidelityTarget
+    The sparsity-fidelity path (``ChainExtractor.path``) and fidelity targets
+    (``attribute(..., fidelity=...)``).
 export_subnetwork, verify, ExportReport
     A standalone, physically smaller copy of a SubNetwork (``SubNetwork.export()``).
 chain_graph, strongest_paths
     Filter -> filter chains as a networkx graph (``Chain.graph()``, ``Chain.paths(k)``).
 CriticalPathways, PathwayGradient
     Critical pathways and the pathway gradient (Khakzar et al., CVPR 2021).
-InteractionPrimitives, InteractionResult
+InteractionPrimitives, InteractionResult, InteractionConfig
     Generalizable AND-OR interaction primitives (Chen et al., ICLR 2024).
 
 Subpackages: ``metrics`` (fidelity, faithfulness, stability, quotient, robustness),
@@ -26,8 +29,13 @@ if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
     from captum_chains.chains import chain_graph, strongest_paths
     from captum_chains.config import FAMILY_PENALTIES, ChainConfig
     from captum_chains.export import ExportReport, export_subnetwork, verify
-    from captum_chains.interactions import InteractionPrimitives, InteractionResult
+    from captum_chains.interactions import (
+        InteractionConfig,
+        InteractionPrimitives,
+        InteractionResult,
+    )
     from captum_chains.neurochains import ChainExtractor
+    from captum_chains.path import ChainPath, FidelityTarget, PathPoint
     from captum_chains.pathways import CriticalPathways, PathwayGradient
     from captum_chains.result import Chain
     from captum_chains.subnetwork import SubNetwork
@@ -43,8 +51,9 @@ __getattr__, __dir__ = attach(
         "chains": ["chain_graph", "strongest_paths"],
         "config": ["FAMILY_PENALTIES", "ChainConfig"],
         "export": ["ExportReport", "export_subnetwork", "verify"],
-        "interactions": ["InteractionPrimitives", "InteractionResult"],
+        "interactions": ["InteractionConfig", "InteractionPrimitives", "InteractionResult"],
         "neurochains": ["ChainExtractor"],
+        "path": ["ChainPath", "FidelityTarget", "PathPoint"],
         "pathways": ["CriticalPathways", "PathwayGradient"],
         "result": ["Chain"],
         "subnetwork": ["SubNetwork"],
@@ -71,12 +80,16 @@ __all__ = [
     "Chain",
     "ChainConfig",
     "ChainExtractor",
+    "ChainPath",
     "CriticalPathways",
     "ExportReport",
+    "FidelityTarget",
     "GateSpec",
+    "InteractionConfig",
     "InteractionPrimitives",
     "InteractionResult",
     "ModelStructure",
+    "PathPoint",
     "PathwayGradient",
     "SubNetwork",
     "UnitLayer",
