@@ -58,7 +58,8 @@ def digits_config(arch: str, l1: float | None = None, schedule: str = "default")
             steps=80,
             finetune_steps=20,
             alpha_init=0.0,
-            lr_final_fraction=1.0,
+            descent_steps=0,
+            refine_lr=None,
             early_stop_delta=0.02,
             layer_gates=True,
         )

@@ -34,25 +34,29 @@ class ChainConfig:
     temperature : float
         T of the gate ``G = sigmoid(alpha / T)``.
     score_init, alpha_init : float
-        Initial scores (1) and gate parameters. ``alpha_init = 1`` starts every gate open
-        (``G = sigmoid(1 / 0.2) = 0.993``), so a gate closes only when the optimization
+        Initial scores (1) and gate parameters. ``alpha_init = 0.5`` starts every gate open
+        (``G = sigmoid(0.5 / 0.2) = 0.92``), so a gate closes only when the optimization
         moves it below the threshold; the paper's ``alpha_init = 0`` starts every gate
         *on* the threshold 0.5.
     optimizer : {"proximal", "adam"}
         ``"proximal"`` (default): :class:`~captum_chains.optim.ProximalAdam`, Adam steps on
-        the KL with the exact proximal step of the l1 term, so scores reach exactly zero and
-        the run converges to a stationary point of Eq. 8 in tens of steps. ``"adam"``: the
+        the KL with the exact proximal step of the l1 term, so removed scores are exactly
+        zero and stay there unless their KL gradient outweighs lambda. ``"adam"``: the
         paper's Adam on the whole loss, scores clamped at 0 after each step.
     lr, steps : float, int
-        Learning rate and maximum number of steps of the main optimization.
-    lr_final_fraction : float
-        The learning rate decays along a cosine from ``lr`` to ``lr * lr_final_fraction``
-        over ``steps`` (1: constant, the paper's schedule).
+        Learning rate of the first ``descent_steps`` steps and maximum number of steps of
+        the main optimization.
+    descent_steps, refine_lr : int, float or None
+        Two-phase schedule: ``lr`` for ``descent_steps`` steps (all scores fall from 1
+        together until the unneeded ones reach zero), then ``refine_lr`` (``None``: ``lr``)
+        for the rest, where small steps sort the needed units from the others (see
+        docs/defaults.md). ``descent_steps=0`` and ``refine_lr=None``: one constant rate,
+        the paper's schedule.
     early_stop_delta : float
         Stop when the loss changed by less than this over the last ``early_stop_window``
         steps (the paper: 0.02 between two steps)...
     early_stop_window : int
-        ...measured over this many steps (the paper: 1).
+        ...measured over this many steps (the paper: 1; see docs/defaults.md).
     early_stop_min_steps : int
         Never stop before this many steps.
     score_threshold : float
@@ -84,19 +88,20 @@ class ChainConfig:
     gate_penalty_on: Literal["alpha", "gate"] = "alpha"
     temperature: float = 0.2
     score_init: float = 1.0
-    alpha_init: float = 1.0
+    alpha_init: float = 0.5
     optimizer: Literal["proximal", "adam"] = "proximal"
-    lr: float = 0.05
-    steps: int = 60
-    lr_final_fraction: float = 0.1
-    early_stop_delta: float = 0.01
+    lr: float = 0.005
+    steps: int = 300
+    descent_steps: int = 0
+    refine_lr: float | None = None
+    early_stop_delta: float = 0.02
     early_stop_window: int = 10
     early_stop_min_steps: int = 20
     score_threshold: float = 0.1
     gate_threshold: float = 0.5
     finetune_kl: float = 0.1
     finetune_lr: float = 0.01
-    finetune_steps: int = 20
+    finetune_steps: int = 50
     use_gates: bool = True
     layer_gates: bool = False
     compile: bool | str = False
@@ -128,7 +133,7 @@ class ChainConfig:
             raise ValueError(
                 f"ChainConfig.early_stop_window must be >= 1, got {self.early_stop_window}"
             )
-        for name in ("steps", "finetune_steps", "early_stop_min_steps"):
+        for name in ("steps", "finetune_steps", "early_stop_min_steps", "descent_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ChainConfig.{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.gate_threshold < 1:
@@ -143,11 +148,8 @@ class ChainConfig:
             raise ValueError(
                 f"ChainConfig.optimizer must be 'proximal' or 'adam', got {self.optimizer!r}"
             )
-        if not 0 < self.lr_final_fraction <= 1:
-            raise ValueError(
-                "ChainConfig.lr_final_fraction must lie in (0, 1] (1: constant learning "
-                f"rate), got {self.lr_final_fraction}"
-            )
+        if self.refine_lr is not None and not self.refine_lr > 0:
+            raise ValueError(f"ChainConfig.refine_lr must be > 0 (or None), got {self.refine_lr}")
         if not self.score_threshold >= 0:
             raise ValueError(
                 f"ChainConfig.score_threshold must be >= 0, got {self.score_threshold}"
@@ -170,7 +172,8 @@ class ChainConfig:
             optimizer="adam",
             lr=0.005,
             steps=300,
-            lr_final_fraction=1.0,
+            descent_steps=0,
+            refine_lr=None,
             early_stop_delta=0.02,
             early_stop_window=1,
             early_stop_min_steps=0,

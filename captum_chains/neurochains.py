@@ -44,7 +44,7 @@ from captum_chains._utils.validation import (
 from captum_chains.config import ChainConfig
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.objectives import gate_penalty, kl_divergence, l1_penalty
-from captum_chains.optim import ProximalAdam, cosine_schedule
+from captum_chains.optim import ProximalAdam, two_phase_schedule
 from captum_chains.path import ChainPath, FidelityTarget, PathPoint
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork, weights_digest
@@ -561,6 +561,7 @@ class _Optimization:
                     use_gates,
                     progress,
                     steps=cfg.steps if i == 0 else point_steps,
+                    descent_steps=None if i == 0 else 0,
                     optimizer=optimizer,
                     support=support,
                     closed_gates=closed,
@@ -673,13 +674,15 @@ class _Optimization:
         optimizer: torch.optim.Optimizer | None = None,
         support: torch.Tensor | None = None,
         closed_gates: torch.Tensor | None = None,
+        descent_steps: int | None = None,
         desc: str = "NeuroChains",
     ) -> torch.optim.Optimizer:
         """Minimize Eq. 8 over ``scores`` and ``alphas`` in place; return the optimizer.
 
         ``support`` (bool like ``scores``) pins the scores outside it to zero (the nested
         supports of a regularization path); ``optimizer`` continues a previous run's
-        moments (warm start).
+        moments (warm start); ``descent_steps`` overrides the config's (0 on a warm start:
+        the scores are already sorted).
         """
         cfg = self.config
         steps = cfg.steps if steps is None else steps
@@ -692,8 +695,10 @@ class _Optimization:
                 if group["params"][0] is scores and "l1" in group:
                     group["l1"] = self.l1_weight
         params = [p for g in optimizer.param_groups for p in g["params"]]
+        refine = cfg.lr if cfg.refine_lr is None else cfg.refine_lr
+        descent = cfg.descent_steps if descent_steps is None else descent_steps
         schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(steps, cfg.lr_final_fraction)
+            optimizer, two_phase_schedule(descent, refine / cfg.lr)
         )
         active = torch.ones(self.k, dtype=torch.bool, device=self.device)
         recent: list[torch.Tensor] = []

@@ -123,13 +123,10 @@ class ProximalAdam(torch.optim.Optimizer):
                 p.copy_(z)
 
 
-def cosine_schedule(steps: int, final_fraction: float) -> Any:
-    """A multiplier for ``LambdaLR``: cosine decay from 1 to ``final_fraction`` over ``steps``."""
+def two_phase_schedule(descent_steps: int, refine_fraction: float) -> Any:
+    """A multiplier for ``LambdaLR``: 1 for ``descent_steps`` steps, then ``refine_fraction``."""
 
     def factor(step: int) -> float:
-        if steps <= 1:
-            return 1.0
-        progress = min(step, steps - 1) / (steps - 1)
-        return final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 if step < descent_steps else refine_fraction
 
     return factor

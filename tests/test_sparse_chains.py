@@ -293,6 +293,6 @@ def test_paper_preset_fields():
         50,
     )
     assert (paper.alpha_init, paper.early_stop_window, paper.early_stop_delta) == (0.0, 1, 0.02)
-    assert paper.layer_gates and paper.lr_final_fraction == 1.0
+    assert paper.layer_gates and paper.descent_steps == 0 and paper.refine_lr is None
     assert ChainConfig.paper(steps=10).steps == 10
-    assert math.isclose(1 / (1 + math.exp(-ChainConfig().alpha_init / 0.2)), 0.9933, abs_tol=1e-4)
+    assert 1 / (1 + math.exp(-ChainConfig().alpha_init / 0.2)) > 0.9

@@ -68,9 +68,9 @@ for p in probs:
 # %% [markdown]
 # ## Extract the chain (a quick run)
 #
-# The defaults: proximal Adam for at most 60 steps (scores reach exactly zero), the
-# family's penalties, fine-tuning when the thresholded KL exceeds 0.1
-# (`ChainConfig.paper()` reproduces the paper's 300 Adam steps at lr 0.005).
+# The defaults: the paper's 300 steps at lr 0.005 with proximal updates (removed scores
+# are exactly zero), the family's penalties, gates on residual blocks, fine-tuning when
+# the thresholded KL exceeds 0.1 (`ChainConfig.paper()` is the paper's exact schedule).
 
 # %%
 extractor = ChainExtractor(model)

@@ -135,13 +135,13 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         help="start from ChainConfig.paper(): the paper's exact schedule (Adam lr 0.005, "
         "300 + 50 steps, its stopping rule); the options below still override it",
     )
-    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 60)")
+    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 300)")
     group.add_argument(
         "--finetune-steps",
         type=_nonnegative_int,
-        help="fine-tuning steps when the thresholded KL exceeds 0.1 (default 20; 0: none)",
+        help="fine-tuning steps when the thresholded KL exceeds 0.1 (default 50; 0: none)",
     )
-    group.add_argument("--lr", type=_positive, help="learning rate of the scores (default 0.05)")
+    group.add_argument("--lr", type=_positive, help="learning rate of the scores (default 0.005)")
     group.add_argument(
         "--l1", type=_nonnegative, help="lambda, l1 weight (default: per model family)"
     )
@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--n-crops", type=_count, default=20, help="crops in the region (default 20)")
-    p.add_argument("--steps", type=_count, help="optimization steps (default: ChainConfig's, 60)")
+    p.add_argument("--steps", type=_count, help="optimization steps (default: ChainConfig's, 300)")
     p.set_defaults(func=cmd_demo)
     return parser
 
