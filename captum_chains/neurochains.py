@@ -409,6 +409,12 @@ def _path_lambdas(l1: Sequence[float] | None, points: int, default: float) -> li
     return values
 
 
+def _alpha_at_threshold(config: ChainConfig) -> float:
+    """The gate parameter whose gate ``sigmoid(alpha / T)`` equals the gate threshold."""
+    g = config.gate_threshold
+    return config.temperature * math.log(g / (1 - g))
+
+
 def _format_additional(args: Any) -> tuple[Any, ...]:
     if args is None:
         return ()
@@ -545,7 +551,7 @@ class _Optimization:
         """Continuation over increasing lambda with nested supports (one region)."""
         cfg = self.config
         scores, alphas, use_gates = self.initial()
-        closed_alpha = cfg.temperature * math.log(cfg.gate_threshold / (1 - cfg.gate_threshold))
+        closed_alpha = _alpha_at_threshold(cfg)
         optimizer = None
         support: torch.Tensor | None = None
         closed = torch.zeros_like(alphas, dtype=torch.bool)
@@ -602,12 +608,8 @@ class _Optimization:
     def fidelity(self, logits: torch.Tensor) -> tuple[float, float, float]:
         """KL, top-1 agreement and mean drop of the class probability (one region)."""
         kl = float(kl_divergence(self.log_p, logits, 1, self.targets)[0])
-        if self.targets is None:
-            classes = self.log_p.argmax(1)
-            agree = logits.argmax(1) == classes
-        else:
-            classes = self.targets
-            agree = logits.argmax(1) == classes
+        classes = self.log_p.argmax(1) if self.targets is None else self.targets
+        agree = logits.argmax(1) == classes
         p = self.log_p.exp().gather(1, classes.view(-1, 1))
         q = F.softmax(logits.float(), dim=1).gather(1, classes.view(-1, 1))
         return kl, float(agree.float().mean()), float((p - q).mean())
@@ -726,9 +728,7 @@ class _Optimization:
                 if support is not None:
                     scores.mul_(support)
                 if closed_gates is not None and closed_gates.any():
-                    limit = cfg.temperature * math.log(
-                        cfg.gate_threshold / (1 - cfg.gate_threshold)
-                    )
+                    limit = _alpha_at_threshold(cfg)
                     alphas.copy_(torch.where(closed_gates, alphas.clamp(max=limit), alphas))
                 if before is not None:
                     for p, b in zip(params, before):
@@ -841,9 +841,7 @@ class _Optimization:
         with torch.no_grad():
             kept = (scores >= cfg.score_threshold).sum(1).tolist()
             open_gates = (
-                (alphas >= cfg.temperature * torch.logit(torch.tensor(cfg.gate_threshold)))
-                .sum(1)
-                .tolist()
+                (alphas >= _alpha_at_threshold(cfg)).sum(1).tolist()
                 if use_gates and alphas is not None
                 else [len(self.structure.gates)] * self.k
             )
