@@ -82,10 +82,16 @@ class PathPoint:
     ----------
     l1 : float
         lambda of this point.
-    kept, total : int
-        Kept and total units.
-    kl, agreement, mean_drop : float
-        Fidelity of the thresholded sub-network on the region (see :class:`FidelityTarget`).
+    kept : int
+        Units kept at this point.
+    total : int
+        Units of the model.
+    kl : float
+        Mean KL(model || sub-network) of the thresholded sub-network on the region.
+    agreement : float
+        Fraction of the region's inputs whose top-1 class the sub-network keeps.
+    mean_drop : float
+        Mean drop of the probability of the model's (or the target) class.
     open_gates : int
         Gates left open.
     steps : int

@@ -96,6 +96,10 @@ fig  # noqa: B018 (displays the figure in a notebook)
 with warnings.catch_warnings():
     # Captum's Saliency notes that it switched on requires_grad for the inputs itself
     warnings.filterwarnings("ignore", message="Input Tensor 0 did not already require gradients")
+    # A sparse chain can leave a method's map on the sub-network all zero (e.g. Grad-CAM on a
+    # layer where the chain kept few filters); Captum then warns that it normalizes by ~0.
+    # The all-zero map is the result, shown as such in the figure.
+    warnings.filterwarnings("ignore", message="Attempting to normalize by value approximately 0")
     fig, result = compare(
         chain,
         region,

@@ -224,6 +224,10 @@ class InteractionResult:
     ) -> torch.Tensor:
         """``Ω^(i)`` as a boolean ``[B, m, 2**n]`` mask (never contains ``∅`` or zeros).
 
+        With none of ``count``, ``fraction`` and ``threshold`` given, the result's defaults
+        apply (:attr:`threshold`, then :attr:`salient_count`, then :attr:`salient_fraction`).
+        ``top_k=`` (a count or a fraction) is accepted with a ``DeprecationWarning``.
+
         Parameters
         ----------
         kind : {"and", "or"}
@@ -233,10 +237,6 @@ class InteractionResult:
             The strongest ``fraction`` of the ``2**n - 1`` non-empty subsets.
         threshold : float, optional
             ``|I(S)| > threshold`` instead.
-
-        With none of them given, the result's defaults apply (:attr:`threshold`, then
-        :attr:`salient_count`, then :attr:`salient_fraction`). ``top_k=`` (a count or a
-        fraction) is accepted with a ``DeprecationWarning``.
         """
         if deprecated:
             if set(deprecated) != {"top_k"}:
