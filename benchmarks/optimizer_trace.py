@@ -5,7 +5,8 @@ region), two runs in one process on the same inputs and the same penalties:
 
 * ``paper``: ``ChainConfig.paper()`` (Adam lr 0.005 on the whole loss, alpha 0, all gates,
   300 + 50 steps, the paper's stopping rule);
-* ``default``: ``ChainConfig()`` (proximal Adam, cosine schedule, gates start open).
+* ``default``: ``ChainConfig()`` (proximal Adam at the paper's rate, gates on residual
+  blocks only).
 
 Writes one JSON line per run (objective and kept count per step, wall time, final chain)
 to ``benchmarks/results/optimizer_trace.jsonl`` and a figure

@@ -388,7 +388,8 @@ def _compiled(model: nn.Module, option: bool | str) -> Callable[..., Any]:
 
 
 def _path_lambdas(l1: Sequence[float] | None, points: int, default: float) -> list[float]:
-    """The path's lambdas: given (checked increasing, finite, > 0) or a geometric grid."""
+    """The path's lambdas: given (checked strictly increasing, finite, >= 0) or a geometric
+    grid around ``default``."""
     if l1 is None:
         if isinstance(points, bool) or not isinstance(points, int) or points < 2:
             raise ValueError(f"points must be an int >= 2, got {points!r}")
@@ -407,6 +408,21 @@ def _path_lambdas(l1: Sequence[float] | None, points: int, default: float) -> li
     if any(b <= a for a, b in itertools.pairwise(values)):
         raise ValueError(f"the path's lambdas must increase strictly, got {values}; sort them")
     return values
+
+
+def _keep_removed(
+    scores: torch.Tensor,
+    alphas: torch.Tensor,
+    support: torch.Tensor | None,
+    closed_gates: torch.Tensor | None,
+    closed_alpha: float,
+) -> None:
+    """In place: scores outside ``support`` to 0, ``closed_gates`` kept at or below
+    ``closed_alpha`` (the nested supports of the path)."""
+    if support is not None:
+        scores.mul_(support)
+    if closed_gates is not None and closed_gates.any():
+        alphas.copy_(torch.where(closed_gates, alphas.clamp(max=closed_alpha), alphas))
 
 
 def _alpha_at_threshold(config: ChainConfig) -> float:
@@ -579,9 +595,8 @@ class _Optimization:
                 points.append(self._point(state, final, gates_open, soft))
                 support = final > 0
                 closed = ~gates_open
-                with torch.no_grad():
-                    scores.mul_(support)
-                    alphas.copy_(torch.where(closed, alphas.clamp(max=closed_alpha), alphas))
+                with torch.no_grad():  # before the next point's first forward pass
+                    _keep_removed(scores, alphas, support, closed, closed_alpha)
                 bar.set_postfix(kept=points[-1].kept, agreement=f"{points[-1].agreement:.2f}")
         bar.close()
         return ChainPath(points)
@@ -725,11 +740,7 @@ class _Optimization:
             schedule.step()
             with torch.no_grad():
                 scores.clamp_(min=0)
-                if support is not None:
-                    scores.mul_(support)
-                if closed_gates is not None and closed_gates.any():
-                    limit = _alpha_at_threshold(cfg)
-                    alphas.copy_(torch.where(closed_gates, alphas.clamp(max=limit), alphas))
+                _keep_removed(scores, alphas, support, closed_gates, _alpha_at_threshold(cfg))
                 if before is not None:
                     for p, b in zip(params, before):
                         p[frozen] = b
@@ -785,8 +796,8 @@ class _Optimization:
         self, state: MaskState, final: torch.Tensor, gates_open: torch.Tensor
     ) -> torch.Tensor:
         """KL of the thresholded network(s), one value per region."""
-        with torch.no_grad():
-            return self._forward_kl(state, final, self._hard_gates(gates_open), hard=True)
+        logits = self.hard_logits(state, final, gates_open)
+        return kl_divergence(self.log_p, logits, self.k, self.targets)
 
     def _finetune(
         self,

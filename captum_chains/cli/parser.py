@@ -64,26 +64,25 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    """A whole number >= 1."""
+def _whole(text: str, minimum: int) -> int:
+    """A whole number >= ``minimum``."""
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
     return value
+
+
+def _count(text: str) -> int:
+    """A whole number >= 1."""
+    return _whole(text, 1)
 
 
 def _nonnegative_int(text: str) -> int:
     """A whole number >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return value
+    return _whole(text, 0)
 
 
 def _common_parser() -> argparse.ArgumentParser:
