@@ -2,7 +2,7 @@
 
 Prints what discovery finds (heads, MLP neurons, embedding channels, branch gates, token
 layout), then the time of one NeuroChains optimization step against the floor: one
-forward plus an activation-only backward (parameters frozen, gradient w.r.t. the
+forward plus an activation-only backward (gradient only w.r.t. the
 input), at ``--batch`` images of 224x224. Optionally checks the export of a random
 sub-network against the SubNetwork.
 
@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from captum_chains import ChainExtractor
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.units import discover, token_layout
 
 
@@ -40,11 +40,11 @@ def build(name: str) -> nn.Module:
 
 def floor_times(model: nn.Module, x: torch.Tensor, repeats: int) -> list[float]:
     times = []
-    with frozen_eval(model):
+    with eval_mode(model):
         for _ in range(repeats + 1):
             xi = x.clone().requires_grad_(True)
             start = time.perf_counter()
-            model(xi).logsumexp(1).sum().backward()
+            torch.autograd.grad(model(xi).logsumexp(1).sum(), xi)
             times.append(time.perf_counter() - start)
     return times[1:]
 

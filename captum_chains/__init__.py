@@ -15,6 +15,9 @@ CriticalPathways, PathwayGradient
     Critical pathways and the pathway gradient (Khakzar et al., CVPR 2021).
 InteractionPrimitives, InteractionResult, InteractionConfig
     Generalizable AND-OR interaction primitives (Chen et al., ICLR 2024).
+ConcurrentUseError
+    Raised instead of switching a training-mode model to eval mode while another thread
+    runs it through the package.
 
 Subpackages: ``metrics`` (fidelity, faithfulness, stability, quotient, robustness),
 ``studies`` (many-region studies), ``visualization`` (figures), ``export`` (standalone
@@ -26,6 +29,7 @@ from typing import TYPE_CHECKING
 from captum_chains._utils.lazy import attach
 
 if TYPE_CHECKING:  # what type checkers see; the same names as in attach() below
+    from captum_chains._utils.model_state import ConcurrentUseError
     from captum_chains.chains import chain_graph, strongest_paths
     from captum_chains.config import FAMILY_PENALTIES, ChainConfig
     from captum_chains.export import ExportReport, export_subnetwork, verify
@@ -48,6 +52,7 @@ __version__ = "0.1.0"
 __getattr__, __dir__ = attach(
     __name__,
     {
+        "_utils.model_state": ["ConcurrentUseError"],
         "chains": ["chain_graph", "strongest_paths"],
         "config": ["FAMILY_PENALTIES", "ChainConfig"],
         "export": ["ExportReport", "export_subnetwork", "verify"],
@@ -81,6 +86,7 @@ __all__ = [
     "ChainConfig",
     "ChainExtractor",
     "ChainPath",
+    "ConcurrentUseError",
     "CriticalPathways",
     "ExportReport",
     "FidelityTarget",

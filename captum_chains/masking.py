@@ -8,9 +8,10 @@
   ``G * F(H) + (1 - G) * H``, or scales a residual branch by ``G``.
 
 The hooks read the current tensors from a :class:`MaskState`, so an optimizer can update
-scores and gates between forward passes without re-registering anything. Every hook is
-removed in ``finally``; the model's modes (and, with ``freeze=True``, ``requires_grad``
-flags) are restored on exit, also after an exception or ``KeyboardInterrupt``.
+scores and gates between forward passes without re-registering anything. They act only
+in the thread that opened the context (other threads running the same model see it
+unmasked), nothing on the model is swapped or written, and every hook is removed in
+``finally``, also after an exception or ``KeyboardInterrupt``.
 
 Batched regions: with scores of shape ``[K, C]`` and gates of shape ``[K]``, a batch of
 ``K * B`` inputs is treated as K consecutive groups of B inputs, each group masked by
@@ -27,7 +28,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.hooks import this_thread_only
+from captum_chains._utils.model_state import eval_mode
+from captum_chains._utils.norm_fold import Fold, folded_norms
 from captum_chains.units.adapters import SITE_HOOKS
 from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
 
@@ -94,15 +97,18 @@ class _SiteHook:
     def __init__(self, state: MaskState, stash: dict[str, torch.Tensor], folded: set[str]) -> None:
         self.state = state
         self.stash = stash
-        self.folded = folded  # units whose scores a _NormFold applied in this forward pass
+        self.folded = folded  # units whose scores a BatchNorm fold already applied
         self.units: list[UnitLayer] = []
         self.mix_gates: list[GateSpec] = []
         self.scale_gates: list[GateSpec] = []
 
     def transform(self, y: torch.Tensor) -> torch.Tensor:
         for unit in self.units:
+            if unit.name in self.folded:  # applied by the BatchNorm right before this site
+                self.folded.discard(unit.name)
+                continue
             s = self.state.scores.get(unit.name)
-            if s is not None and unit.name not in self.folded:
+            if s is not None:
                 y = scale_channels(y, s, unit.channel_dim, unit.unit_width)
         for gate in self.mix_gates:
             g = self.state.gates.get(gate.name)
@@ -122,7 +128,6 @@ def apply_masks(
     structure: ModelStructure,
     state: MaskState,
     *,
-    freeze: bool = True,
     fold_norms: bool = False,
 ) -> Iterator[nn.Module]:
     """Run ``model`` with scores and gates applied, inside a ``with`` block.
@@ -135,20 +140,24 @@ def apply_masks(
         Where scores and gates act.
     state : MaskState
         Current scores and gates; may be updated while the context is open.
-    freeze : bool
-        Set ``requires_grad=False`` on the model's parameters while open (no weight
-        gradients); restored on exit.
     fold_norms : bool
         Apply single-region scores of units that sit right after a BatchNorm by running
         that BatchNorm with ``gamma * s`` and ``beta * s`` (mathematically the same as
         scaling its output, Eq. 3, without an extra pass over the feature map; equal up
-        to float rounding). Used by the optimization loop for speed; off by default so
-        that a SubNetwork runs exactly the hooks' arithmetic.
+        to float rounding; see :mod:`captum_chains._utils.norm_fold`). Used by the
+        optimization loop for speed; off by default so that a SubNetwork runs exactly the
+        hooks' arithmetic.
 
     Yields
     ------
     nn.Module
-        The same model object, in eval mode, masked.
+        The same model object, in eval mode (see
+        :func:`captum_chains._utils.model_state.eval_mode`), masked in this thread.
+
+    Raises
+    ------
+    ConcurrentUseError
+        If the model is in training mode while another thread runs it through the package.
     """
     modules = dict(model.named_modules())
     stash: dict[str, torch.Tensor] = {}
@@ -173,85 +182,43 @@ def apply_masks(
                 raise ValueError(f"the model has no module {gate.start!r} (gate {gate.name!r})")
             starts.setdefault(gate.start, []).append(gate.name)
 
-    folds = _norm_folds(modules, structure, state, folded) if fold_norms else []
+    folds = _norm_folds(modules, structure, state, folded) if fold_norms else {}
     handles: list[Any] = []
-    with frozen_eval(model, freeze=freeze):
+    with eval_mode(model), folded_norms(folds):
         try:
             for gate_start, names in starts.items():
-                handles.append(
-                    modules[gate_start].register_forward_pre_hook(_stash_hook(names, stash, state))
-                )
-            for (name, hook), handler in sites.items():
+                hook = this_thread_only(_stash_hook(names, stash, state))
+                handles.append(modules[gate_start].register_forward_pre_hook(hook))
+            for (name, hook_kind), handler in sites.items():
                 module = modules[name]
-                if hook == "output":
+                if hook_kind == "output":
                     handles.append(module.register_forward_hook(_output_hook(handler)))
-                elif hook == "input":
+                elif hook_kind == "input":
                     handles.append(module.register_forward_pre_hook(_input_hook(handler)))
-                elif hook in SITE_HOOKS:  # e.g. heads inside nn.MultiheadAttention
-                    handles.append(SITE_HOOKS[hook](module, handler.transform))
+                elif hook_kind in SITE_HOOKS:  # e.g. heads inside nn.MultiheadAttention
+                    handles.append(SITE_HOOKS[hook_kind](module, handler.transform))
                 else:
                     raise ValueError(
-                        f"unit site {name!r} uses the hook {hook!r}, which no adapter "
+                        f"unit site {name!r} uses the hook {hook_kind!r}, which no adapter "
                         f"registered in captum_chains.units.adapters.SITE_HOOKS"
                     )
-            for fold in folds:  # registered last: restores after the site hooks ran
-                handles += fold.register()
             yield model
         finally:
             for h in handles:
                 h.remove()
-            for fold in folds:
-                fold.restore()
             stash.clear()
             folded.clear()
 
 
-class _NormFold:
-    """Scores of one unit layer folded into the BatchNorm whose output they scale.
-
-    ``s * (gamma * x_hat + beta) == (gamma * s) * x_hat + beta * s``: a forward pre-hook
-    swaps the BatchNorm's affine parameters for the scaled tensors (so the gradient still
-    reaches the scores) and a forward hook puts the originals back. Only 1-D scores are
-    folded; ``[K, C]`` scores of batched regions take the site hook's path.
-    """
-
-    def __init__(
-        self, module: nn.Module, unit: UnitLayer, state: MaskState, folded: set[str]
-    ) -> None:
-        self.module, self.unit, self.state, self.folded = module, unit, state, folded
-        self.originals: dict[str, Any] = {}
-
-    def register(self) -> list[Any]:
-        return [
-            self.module.register_forward_pre_hook(self._swap),
-            self.module.register_forward_hook(lambda *_: self.restore()),
-        ]
-
-    def _swap(self, module: nn.Module, args: tuple[Any, ...]) -> None:
-        s = self.state.scores.get(self.unit.name)
-        if s is None or s.ndim != 1:
-            return
-        params = module._parameters
-        self.originals = {"weight": params["weight"], "bias": params["bias"]}
-        params["weight"] = self.originals["weight"] * s  # type: ignore[assignment]
-        params["bias"] = self.originals["bias"] * s  # type: ignore[assignment]
-        self.folded.add(self.unit.name)
-
-    def restore(self) -> None:
-        if self.originals:
-            self.module._parameters.update(self.originals)
-            self.originals = {}
-        self.folded.discard(self.unit.name)
-
-
 def _norm_folds(
     modules: dict[str, nn.Module], structure: ModelStructure, state: MaskState, folded: set[str]
-) -> list[_NormFold]:
-    """A :class:`_NormFold` per unit layer scored right at a BatchNorm's affine output.
+) -> dict[nn.Module, Fold]:
+    """A fold per unit layer scored right at an affine BatchNorm's output.
 
     That is a unit whose site is a BatchNorm's output, or the input of the activation
     child ``<bn>.act`` of a fused norm-activation module (timm ``BatchNormAct2d``), with
-    one score per channel of an affine BatchNorm; one unit per BatchNorm.
+    one score per channel; one unit per BatchNorm. Only 1-D scores are folded: ``[K, C]``
+    scores of batched regions take the site hook's path.
     """
     candidates: dict[str, list[UnitLayer]] = {}
     for unit in structure.units:
@@ -262,7 +229,7 @@ def _norm_folds(
         else:
             continue
         candidates.setdefault(norm, []).append(unit)
-    folds = []
+    folds: dict[nn.Module, Fold] = {}
     for norm, units in candidates.items():
         module = modules.get(norm)
         if len(units) != 1 or not isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -277,8 +244,23 @@ def _norm_folds(
             or weight.shape != (unit.size,)
         ):
             continue
-        folds.append(_NormFold(module, unit, state, folded))
+        folds[module] = _fold(weight, bias, unit.name, state, folded)
     return folds
+
+
+def _fold(
+    weight: torch.Tensor, bias: torch.Tensor, unit: str, state: MaskState, folded: set[str]
+) -> Fold:
+    """The scaled affine parameters of one BatchNorm for the current scores of ``unit``."""
+
+    def scaled() -> tuple[torch.Tensor, torch.Tensor] | None:
+        s = state.scores.get(unit)
+        if s is None or s.ndim != 1:
+            return None
+        folded.add(unit)
+        return weight * s, bias * s
+
+    return scaled
 
 
 def _stash_hook(names: list[str], stash: dict[str, torch.Tensor], state: MaskState):
@@ -291,6 +273,7 @@ def _stash_hook(names: list[str], stash: dict[str, torch.Tensor], state: MaskSta
 
 
 def _output_hook(handler: _SiteHook):
+    @this_thread_only
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return handler.transform(output)
 
@@ -298,6 +281,7 @@ def _output_hook(handler: _SiteHook):
 
 
 def _input_hook(handler: _SiteHook):
+    @this_thread_only
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (handler.transform(args[0]), *args[1:])
 

@@ -33,13 +33,16 @@ import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import ConcurrentUseError, eval_mode
 from captum_chains._utils.progress import tqdm
 from captum_chains._utils.validation import (
     check_conv_rank,
     check_device,
+    format_additional_args,
     format_inputs,
     format_target,
+    repeat_additional_args,
+    slice_additional_args,
 )
 from captum_chains.config import ChainConfig
 from captum_chains.masking import MaskState, apply_masks
@@ -96,12 +99,17 @@ class ChainExtractor(Attribution):
         items = format_inputs(inputs)
         check_device(self.model, items)
         check_conv_rank(self.model, items)
-        extra = _format_additional(additional_forward_args)
+        extra = format_additional_args(additional_forward_args)
         try:
+            n = items[0].shape[0]
             return discover(
-                self.model, tuple(x[:2] for x in items), extra, layers=layers, gates=gates
+                self.model,
+                tuple(x[:2] for x in items),
+                slice_additional_args(extra, n, 0, 2),
+                layers=layers,
+                gates=gates,
             )
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, ConcurrentUseError):
             raise
         except RuntimeError as err:
             raise ValueError(
@@ -152,7 +160,9 @@ class ChainExtractor(Attribution):
             target-class probability, through the binary KL between (p_t, 1 - p_t) and
             (q_t, 1 - q_t); fidelity on other classes is then not optimized.
         additional_forward_args : Any, optional
-            Extra positional arguments of the model's forward (Captum convention).
+            Extra positional arguments of the model's forward (Captum convention): a
+            tensor whose first dimension is the number of inputs N is per-example and
+            follows its inputs; anything else is passed unchanged to every call.
         layers : sequence of str, optional
             Unit layers to score (names or module prefixes); default all discovered.
         gates : bool or sequence of str
@@ -291,7 +301,7 @@ class ChainExtractor(Attribution):
             structure,
             self.config,
             items,
-            _format_additional(additional_forward_args),
+            format_additional_args(additional_forward_args),
             1,
             targets,
         )
@@ -333,6 +343,9 @@ class ChainExtractor(Attribution):
             K regions with the same number B of inputs each.
         target : sequence, optional
             One target per region (each in the formats of :meth:`attribute`), or None.
+        additional_forward_args : Any, optional
+            As in :meth:`attribute`; per-example tensors have first dimension B and are
+            used with every region's inputs.
         """
         if isinstance(regions, torch.Tensor):
             if regions.ndim < 3:
@@ -364,7 +377,10 @@ class ChainExtractor(Attribution):
                 raise ValueError("give a target for every region or for none")
             targets = torch.cat([format_target(t, n, structure.num_classes) for t in target])
             targets = targets.to(batch[0].device)
-        extra = _format_additional(additional_forward_args)
+        # per-example extra arguments (first dimension B) go with every region's inputs
+        extra = repeat_additional_args(
+            format_additional_args(additional_forward_args), n, len(region_items)
+        )
         run = _Optimization(
             self.model, structure, self.config, batch, extra, len(region_items), targets
         )
@@ -385,6 +401,27 @@ def _compiled(model: nn.Module, option: bool | str) -> Callable[..., Any]:
         return model(*args)
 
     return torch.compile(forward, backend=backend)
+
+
+def _check_finite(kl: torch.Tensor, step: int) -> None:
+    """Raise if the masked model's KL is inf/NaN (its logits overflowed under the masks)."""
+    if not bool(torch.isfinite(kl).all()):
+        raise ValueError(
+            f"the KL divergence became {kl.tolist()} at optimization step {step}: the scored "
+            "model's logits overflow. Check the inputs' scale, or lower ChainConfig.lr"
+        )
+
+
+def _set_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
+    """``p.grad = d loss / d p`` for the optimized tensors only.
+
+    ``torch.autograd.grad`` rather than ``backward()``: the model's own parameters keep
+    ``requires_grad`` as the user set it and never receive a ``.grad`` (no weight
+    gradient is computed either: autograd only runs the paths to ``params``).
+    """
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for p, g in zip(params, grads):
+        p.grad = torch.zeros_like(p) if g is None else g
 
 
 def _path_lambdas(l1: Sequence[float] | None, points: int, default: float) -> list[float]:
@@ -431,12 +468,6 @@ def _alpha_at_threshold(config: ChainConfig) -> float:
     return config.temperature * math.log(g / (1 - g))
 
 
-def _format_additional(args: Any) -> tuple[Any, ...]:
-    if args is None:
-        return ()
-    return args if isinstance(args, tuple) else (args,)
-
-
 class _Optimization:
     """One NeuroChains run over K regions: optimize, threshold, fine-tune."""
 
@@ -456,10 +487,18 @@ class _Optimization:
         self.offsets = structure.offsets()
         device = batch[0].device
         self.device = device
-        with frozen_eval(model), torch.no_grad():
+        with eval_mode(model), torch.no_grad():
             logits = model(*batch, *extra)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 2:
             raise ValueError("the model must return logits of shape [N, num_classes]")
+        bad = ~torch.isfinite(logits).all(dim=1)
+        if bad.any():
+            raise ValueError(
+                f"the model's logits are not finite (inf or NaN) for {int(bad.sum())} of "
+                f"{len(bad)} inputs (first: input {int(bad.nonzero()[0])}), although the inputs "
+                "are finite: the model overflows on them. Check their scale and preprocessing "
+                "(e.g. normalization), or run the model in float32/float64"
+            )
         self.log_p = F.log_softmax(logits.float(), dim=1)
         self.forward = _compiled(model, config.compile)
         self.start = time.perf_counter()
@@ -519,9 +558,9 @@ class _Optimization:
     def masked(self) -> Iterator[MaskState]:
         """The model with hooks reading a fresh :class:`MaskState`, inside ``with``."""
         state = MaskState()
-        # BatchNorm folding swaps parameters inside hooks, which torch.compile would guard on
+        # folding swaps the BatchNorms' class during the run, which torch.compile guards on
         fold = not self.config.compile
-        with apply_masks(self.model, self.structure, state, freeze=True, fold_norms=fold):
+        with apply_masks(self.model, self.structure, state, fold_norms=fold):
             yield state
 
     def initial(self) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -723,6 +762,7 @@ class _Optimization:
         for step in bar:
             gates = torch.sigmoid(alphas / cfg.temperature) if use_gates else None
             kl = self._forward_kl(state, scores, gates)
+            _check_finite(kl, step)
             l1 = l1_penalty(scores)
             gp = (
                 gate_penalty(alphas, cfg.temperature, cfg.gate_penalty_on)
@@ -730,10 +770,9 @@ class _Optimization:
                 else torch.zeros_like(l1)
             )
             loss = kl + self.l1_weight * l1 + self.gate_weight * gp
-            optimizer.zero_grad(set_to_none=True)
             # the proximal step applies the l1 term itself: differentiate the smooth part
             smooth = kl + self.gate_weight * gp if proximal else loss
-            smooth.sum().backward()
+            _set_gradients(smooth.sum(), params)
             frozen = (~active).nonzero().flatten()
             before = [p.detach()[frozen].clone() for p in params] if len(frozen) else None
             optimizer.step()
@@ -816,8 +855,7 @@ class _Optimization:
         zeros = torch.zeros_like(final[:, :0])
         for step in bar:
             kl = self._forward_kl(state, scores, hard, hard=True)
-            optimizer.zero_grad(set_to_none=True)
-            kl.sum().backward()
+            _set_gradients(kl.sum(), [scores])
             assert scores.grad is not None
             scores.grad.mul_(keep)
             optimizer.step()

@@ -191,7 +191,7 @@ class SubNetwork(nn.Module):
 
     def forward(self, *inputs: Any) -> torch.Tensor:
         """Run the thresholded network and return its logits."""
-        with apply_masks(self.model, self.structure, self.mask_state(), freeze=False):
+        with apply_masks(self.model, self.structure, self.mask_state()):
             if self.runs_in_place():
                 return self.model(*inputs)
             return torch.func.functional_call(self.model, self._cast_tensors(), inputs)

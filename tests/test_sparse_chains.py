@@ -206,6 +206,19 @@ def test_config_refuses_non_finite_values(field, value):
         ChainConfig(**{field: value})
 
 
+def test_logits_that_overflow_on_finite_inputs_are_refused():
+    model = make_model("plain", 4, 0)
+    with torch.no_grad():
+        model.features[0].weight.mul_(1e4)
+    x = make_inputs(seed=0)
+    x[1] *= 1e36  # finite, but the logits overflow to inf for this input
+    assert torch.isfinite(x).all() and not torch.isfinite(model(x)).all()
+    snapshot = ModelSnapshot.take(model)
+    with pytest.raises(ValueError, match=r"not finite .* for 1 of 4 inputs \(first: input 1\)"):
+        ChainExtractor(model, **FAST).attribute(x, progress=False)
+    snapshot.assert_unchanged(model)
+
+
 # -- the paper preset, against an independent re-implementation -----------------------
 
 

@@ -1,12 +1,14 @@
-"""Snapshots of everything about a model that an explanation method must leave unchanged.
+"""What an explanation method must leave unchanged on a user's model, and how it runs it.
 
-Used by the package to guarantee, and by the tests to check, that a user's model
-leaves every call exactly as it came: parameters, buffers, hooks, training flags,
-``requires_grad`` flags, devices and dtypes.
+:class:`ModelSnapshot` records parameters, buffers, their ``.grad``, hooks, training
+flags, ``requires_grad`` flags, devices and dtypes (the tests check every algorithm
+with it); :func:`eval_mode` runs a model in eval mode without changing anything that
+another thread can see.
 """
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,6 +46,7 @@ class ModelSnapshot:
     training: dict[str, bool]
     hooks: dict[str, tuple]
     tensor_hooks: dict[str, int]
+    grads: dict[str, torch.Tensor | None]
 
     @classmethod
     def take(cls, model: nn.Module) -> ModelSnapshot:
@@ -56,6 +59,10 @@ class ModelSnapshot:
             training={k: m.training for k, m in model.named_modules()},
             hooks={k: _hook_ids(m) for k, m in model.named_modules()},
             tensor_hooks={k: len(p._backward_hooks or {}) for k, p in model.named_parameters()},
+            grads={
+                k: None if p.grad is None else p.grad.detach().clone()
+                for k, p in model.named_parameters()
+            },
         )
 
     def differences(self, model: nn.Module) -> list[str]:
@@ -72,6 +79,14 @@ class ModelSnapshot:
                 problems.append(f"{key}: dtype/device changed")
             elif after.shape != before.shape or not torch.equal(after, before):
                 problems.append(f"{key}: values changed")
+        for key, before_grad in self.grads.items():
+            after_grad = now.grads.get(key)
+            if (before_grad is None) != (after_grad is None) or (
+                before_grad is not None
+                and after_grad is not None
+                and not torch.equal(before_grad, after_grad)
+            ):
+                problems.append(f"param:{key}: .grad changed")
         for name, attr in (
             ("requires_grad", "requires_grad"),
             ("training mode", "training"),
@@ -89,31 +104,71 @@ class ModelSnapshot:
             raise AssertionError("model changed: " + "; ".join(problems[:10]))
 
 
+class ConcurrentUseError(RuntimeError):
+    """A model that another thread is using cannot be switched to eval mode safely."""
+
+
+@dataclass
+class _Users:
+    """Who is running one model inside :func:`eval_mode` right now."""
+
+    model: nn.Module  # held so that ``id(model)`` cannot be reused while registered
+    count: int = 0
+    switcher: int | None = None  # the thread that switched the model to eval mode
+
+
+_USERS: dict[int, _Users] = {}
+_USERS_LOCK = threading.Lock()
+
+
 @contextmanager
-def frozen_eval(model: nn.Module, *, freeze: bool = True) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode with parameters frozen, and restore both on exit.
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """Run ``model`` in eval mode without changing anything another thread can see.
 
-    Restoration happens in ``finally``, so it also runs when the body raises or is
-    interrupted (``KeyboardInterrupt``).
+    A model whose modules are all in eval mode already (the usual case for a pretrained
+    model) is left exactly as it is: any number of threads may use it at once. A model
+    with a module in training mode is switched to eval mode for the duration and switched
+    back in ``finally`` (also after an exception or ``KeyboardInterrupt``); since that
+    switch is visible to every thread, it is refused with :class:`ConcurrentUseError` while
+    another thread runs the same model through this function, and vice versa.
 
-    Parameters
-    ----------
-    model : nn.Module
-        The user's model.
-    freeze : bool
-        Also set ``requires_grad=False`` on every parameter (no weight gradients are
-        computed in the body).
+    Parameters are never touched: ``requires_grad`` flags stay as they are, and the
+    package takes gradients with ``torch.autograd.grad`` so that no ``.grad`` of the
+    model's parameters is written.
+
+    Raises
+    ------
+    ConcurrentUseError
+        If switching modes would change the model under another thread's feet.
     """
+    me = threading.get_ident()
     modes = [(m, m.training) for m in model.modules()]
-    grads = [(p, p.requires_grad) for p in model.parameters()]
+    switch = any(training for _, training in modes)
+    with _USERS_LOCK:
+        users = _USERS.setdefault(id(model), _Users(model))
+        if users.switcher not in (None, me) or (
+            switch and users.count > 0 and users.switcher is None
+        ):
+            if users.count == 0:
+                del _USERS[id(model)]
+            raise ConcurrentUseError(
+                f"{type(model).__name__} is in training mode and another thread is running it "
+                "through captum_chains; switching it to eval mode would change that thread's "
+                "results. Call model.eval() before sharing the model between threads, or give "
+                "each thread its own copy.deepcopy(model)."
+            )
+        users.count += 1
+        if switch:
+            users.switcher = me
+            model.eval()
     try:
-        model.eval()
-        if freeze:
-            for p, _ in grads:
-                p.requires_grad_(False)
         yield model
     finally:
-        for m, mode in modes:
-            m.training = mode
-        for p, flag in grads:
-            p.requires_grad_(flag)
+        with _USERS_LOCK:
+            if switch:
+                for m, training in modes:
+                    m.training = training
+                users.switcher = None
+            users.count -= 1
+            if users.count == 0:
+                del _USERS[id(model)]

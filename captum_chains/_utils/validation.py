@@ -133,3 +133,25 @@ def format_target(target: TargetType, n: int, num_classes: int) -> torch.Tensor 
             f"(valid: 0..{num_classes - 1})"
         )
     return indices
+
+
+def format_additional_args(args: Any) -> tuple[Any, ...]:
+    """Captum's ``additional_forward_args`` as a tuple (``None`` -> ``()``)."""
+    if args is None:
+        return ()
+    return args if isinstance(args, tuple) else (args,)
+
+
+def _per_example(arg: Any, n: int) -> bool:
+    """Captum's convention: a tensor whose first dimension is the batch size is per-example."""
+    return isinstance(arg, torch.Tensor) and arg.ndim > 0 and arg.shape[0] == n
+
+
+def slice_additional_args(extra: tuple[Any, ...], n: int, start: int, stop: int) -> tuple[Any, ...]:
+    """Rows ``start:stop`` of the per-example arguments in ``extra`` (batch size ``n``)."""
+    return tuple(a[start:stop] if _per_example(a, n) else a for a in extra)
+
+
+def repeat_additional_args(extra: tuple[Any, ...], n: int, times: int) -> tuple[Any, ...]:
+    """Per-example arguments of a batch of ``n`` repeated for ``times`` consecutive batches."""
+    return tuple(torch.cat([a] * times) if _per_example(a, n) else a for a in extra)

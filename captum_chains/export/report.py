@@ -9,7 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.hooks import this_thread_only
+from captum_chains._utils.model_state import eval_mode
 
 
 def count_parameters(model: nn.Module, *, nonzero: bool = False) -> int:
@@ -41,11 +42,11 @@ def count_macs(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> int:
             total[0] += per_input * module.in_features
 
     handles = []
-    with frozen_eval(model):
+    with eval_mode(model):
         try:
             for m in model.modules():
                 if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear)):
-                    handles.append(m.register_forward_hook(hook))
+                    handles.append(m.register_forward_hook(this_thread_only(hook)))
             with torch.no_grad():
                 model(*inputs)
         finally:
@@ -67,7 +68,7 @@ def verify(exported: nn.Module, subnetwork: nn.Module, inputs: Any) -> float:
         Inputs to compare on.
     """
     items = inputs if isinstance(inputs, tuple) else (inputs,)
-    with torch.no_grad(), frozen_eval(exported):
+    with torch.no_grad(), eval_mode(exported):
         a = exported(*items)
         b = subnetwork(*items)
     return float((a - b).abs().max())

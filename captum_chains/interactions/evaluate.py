@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import eval_mode
 from captum_chains._utils.progress import tqdm
 from captum_chains.interactions.players import Players, masked_batch
 from captum_chains.interactions.values import ValueFn
@@ -98,7 +98,7 @@ def evaluate_values(
     values = torch.empty(total, dtype=torch.float64, device=device)
     starts = range(0, total, chunk)
     bar = tqdm(starts, desc=desc, disable=not progress, leave=False, unit="chunk")
-    guard = frozen_eval(forward_func) if isinstance(forward_func, nn.Module) else nullcontext()
+    guard = eval_mode(forward_func) if isinstance(forward_func, nn.Module) else nullcontext()
     with guard, torch.no_grad():
         for start in bar:
             k = torch.arange(start, min(start + chunk, total), device=device)

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
-from captum_chains._utils.validation import check_device, format_inputs
+from captum_chains._utils.model_state import eval_mode
+from captum_chains._utils.validation import check_device, format_inputs, slice_additional_args
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork
 
@@ -44,20 +44,6 @@ def region_inputs(chain: Any, inputs: Any, name: str = "inputs") -> tuple[torch.
     return items
 
 
-def extra_args(args: Any) -> tuple[Any, ...]:
-    """Captum's ``additional_forward_args`` as a tuple."""
-    if args is None:
-        return ()
-    return args if isinstance(args, tuple) else (args,)
-
-
-def _slice_extra(extra: tuple[Any, ...], n: int, start: int, stop: int) -> tuple[Any, ...]:
-    return tuple(
-        a[start:stop] if isinstance(a, torch.Tensor) and a.ndim > 0 and a.shape[0] == n else a
-        for a in extra
-    )
-
-
 def chunked_logits(
     forward: Callable[..., torch.Tensor],
     inputs: tuple[torch.Tensor, ...],
@@ -76,7 +62,7 @@ def chunked_logits(
         for start in range(0, n, step):
             stop = min(n, start + step)
             chunk = tuple(x[start:stop] for x in inputs)
-            out = forward(*chunk, *_slice_extra(extra, n, start, stop))
+            out = forward(*chunk, *slice_additional_args(extra, n, start, stop))
             if not isinstance(out, torch.Tensor) or out.ndim != 2:
                 raise ValueError("the model must return logits of shape [N, num_classes]")
             outs.append(out.float())
@@ -90,7 +76,7 @@ def model_logits(
     batch_size: int | None = None,
 ) -> torch.Tensor:
     """Logits of the original model in eval mode (its modes are restored afterwards)."""
-    with frozen_eval(model, freeze=False):
+    with eval_mode(model):
         return chunked_logits(model, inputs, extra, batch_size)
 
 

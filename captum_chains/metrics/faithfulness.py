@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from captum_chains._utils.progress import tqdm
+from captum_chains._utils.validation import format_additional_args
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.metrics._common import (
     ChainLike,
@@ -33,7 +34,6 @@ from captum_chains.metrics._common import (
     check_batch_size,
     chunked_logits,
     correlations,
-    extra_args,
     model_logits,
     region_inputs,
 )
@@ -127,7 +127,7 @@ def faithfulness(
     check_batch_size(batch_size)
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
-    extra = extra_args(additional_forward_args)
+    extra = format_additional_args(additional_forward_args)
     n = items[0].shape[0]
     model, structure = sub.model, sub.structure
     p = F.softmax(model_logits(model, items, extra, batch_size), dim=1).double()
@@ -152,7 +152,7 @@ def faithfulness(
     tiny = torch.finfo(torch.float64).tiny
     chunks = list(kept.split(per_pass))
     state = MaskState(gates=dict(base.gates))
-    with torch.no_grad(), apply_masks(model, structure, state, freeze=True):
+    with torch.no_grad(), apply_masks(model, structure, state):
         for chunk in tqdm(chunks, desc="faithfulness", disable=not progress, leave=False):
             k = len(chunk)
             rows = scores.unsqueeze(0).repeat(k, 1)

@@ -16,12 +16,12 @@ from typing import Any
 
 import torch
 
+from captum_chains._utils.validation import format_additional_args
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
     both_probabilities,
     check_batch_size,
-    extra_args,
     region_inputs,
 )
 
@@ -163,5 +163,7 @@ def fidelity(
     check_batch_size(batch_size)
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
-    p, q = both_probabilities(sub, items, extra_args(additional_forward_args), batch_size)
+    p, q = both_probabilities(
+        sub, items, format_additional_args(additional_forward_args), batch_size
+    )
     return fidelity_from_probs(p, q)

@@ -20,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.hooks import this_thread_only
+from captum_chains._utils.model_state import eval_mode
+from captum_chains._utils.validation import format_additional_args
 from captum_chains.masking import apply_masks
-from captum_chains.metrics._common import ChainLike, as_subnetwork, extra_args, region_inputs
+from captum_chains.metrics._common import ChainLike, as_subnetwork, region_inputs
 from captum_chains.units.base import ModelStructure, UnitLayer
 
 
@@ -73,9 +75,13 @@ def _capture(
                 store[unit.name] = _unit_maps(t, unit, keep)
 
             if unit.hook == "output":
-                handles.append(module.register_forward_hook(lambda m, a, o, g=grab: g(o)))
+                handles.append(
+                    module.register_forward_hook(this_thread_only(lambda m, a, o, g=grab: g(o)))
+                )
             else:
-                handles.append(module.register_forward_pre_hook(lambda m, a, g=grab: g(a[0])))
+                handles.append(
+                    module.register_forward_pre_hook(this_thread_only(lambda m, a, g=grab: g(a[0])))
+                )
         yield store
     finally:
         for h in handles:
@@ -115,13 +121,13 @@ def firing_correlation(
 
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
-    extra = extra_args(additional_forward_args)
+    extra = format_additional_args(additional_forward_args)
     model, structure = sub.model, sub.structure
     kept = {name: torch.nonzero(s > 0).flatten() for name, s in sub.importance.items()}
     with torch.no_grad():
-        with frozen_eval(model, freeze=False), _capture(model, structure, kept) as original:
+        with eval_mode(model), _capture(model, structure, kept) as original:
             model(*items, *extra)
-        with apply_masks(model, structure, sub.mask_state(), freeze=False):
+        with apply_masks(model, structure, sub.mask_state()):
             with _capture(model, structure, kept) as masked:
                 model(*items, *extra)
     rows = []

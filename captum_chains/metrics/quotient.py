@@ -18,12 +18,12 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
+from captum_chains._utils.validation import format_additional_args
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
     check_batch_size,
     chunked_logits,
-    extra_args,
     model_logits,
     region_inputs,
 )
@@ -125,7 +125,7 @@ def prediction_quotient(
         raise ValueError(f"network must be 'subnetwork' or 'complement', got {network!r}")
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
-    extra = extra_args(additional_forward_args)
+    extra = format_additional_args(additional_forward_args)
     other = sub if network == "subnetwork" else complement_subnetwork(sub)
     p = model_logits(sub.model, items, extra, batch_size)
     q = chunked_logits(other, items, extra, batch_size)

@@ -26,13 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
-from captum_chains._utils.validation import format_target
+from captum_chains._utils.model_state import eval_mode
+from captum_chains._utils.validation import format_additional_args, format_target
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
     chunked_logits,
-    extra_args,
     model_logits,
     region_inputs,
 )
@@ -222,7 +221,7 @@ def robustness(
     if len(items) != 1:
         raise TypeError("robustness supports models with a single input tensor")
     x = items[0]
-    extra = extra_args(additional_forward_args)
+    extra = format_additional_args(additional_forward_args)
     model = sub.model
     n = x.shape[0]
     clean = model_logits(model, (x,), extra, batch_size)
@@ -237,7 +236,7 @@ def robustness(
 
     frames = [_rows("clean", x, x, y, model, sub, extra, batch_size)]
     adversarial: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    with frozen_eval(model, freeze=True):
+    with eval_mode(model):
         for attack in attacks:
             args = (y, extra, attack, float(epsilon), step, pgd_steps, bounds)
             # attack_on was validated above; an attack on one network is used for both

@@ -24,7 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.hooks import this_thread_only
+from captum_chains._utils.model_state import eval_mode
 from captum_chains._utils.validation import check_device, format_inputs
 from captum_chains.metrics._common import (
     ChainLike,
@@ -64,8 +65,8 @@ def find_classifier(model: nn.Module, example: torch.Tensor) -> str:
     try:
         for name, module in model.named_modules():
             if name and any(True for _ in module.parameters(recurse=False)):
-                handles.append(module.register_forward_hook(record(name)))
-        with frozen_eval(model, freeze=False), torch.no_grad():
+                handles.append(module.register_forward_hook(this_thread_only(record(name))))
+        with eval_mode(model), torch.no_grad():
             logits = model(example)
     finally:
         for h in handles:
@@ -120,7 +121,7 @@ def penultimate_features(
     def hook(mod: nn.Module, args: tuple[Any, ...]) -> None:
         captured.append(args[0].detach().flatten(1).float())
 
-    handle = module.register_forward_pre_hook(hook)
+    handle = module.register_forward_pre_hook(this_thread_only(hook))
     try:
         model_logits(model, (x,), (), batch_size)
     finally:

@@ -209,8 +209,9 @@ class CriticalPathways:
     (one global threshold; ties by forward order, see
     :mod:`~captum_chains.pathways.selection`).
 
-    The model is run in eval mode with frozen parameters; mode, ``requires_grad``
-    flags and hooks are restored after every call, also on errors.
+    The model is run in eval mode (see :func:`~captum_chains._utils.model_state.eval_mode`);
+    its parameters, ``requires_grad`` flags and ``.grad`` are never written, and hooks
+    are removed after every call, also on errors.
 
     Parameters
     ----------

@@ -59,7 +59,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.hooks import this_thread_only
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.pathways._common import format_additional_args, format_inputs, require_module
 
 __all__ = [
@@ -302,7 +303,7 @@ class ActivationTracer:
     replaces the activation in the rest of the forward pass.
 
     The tracer does not change the model's mode or gradients; callers combine it with
-    :func:`captum_chains._utils.model_state.frozen_eval`.
+    :func:`captum_chains._utils.model_state.eval_mode`.
 
     Parameters
     ----------
@@ -335,8 +336,10 @@ class ActivationTracer:
             raise RuntimeError("this ActivationTracer is already active")
         try:
             for module in self.model.modules():
-                self._handles.append(module.register_forward_pre_hook(self._push))
-                self._handles.append(module.register_forward_hook(self._pop, always_call=True))
+                self._handles.append(module.register_forward_pre_hook(this_thread_only(self._push)))
+                self._handles.append(
+                    module.register_forward_hook(this_thread_only(self._pop), always_call=True)
+                )
         except BaseException:
             self._remove_hooks()
             raise
@@ -541,8 +544,8 @@ def check_activations(activations: Sequence[str]) -> tuple[str, ...]:
 def traced(
     model: nn.Module, activations: Sequence[str] = DEFAULT_ACTIVATIONS
 ) -> Iterator[ActivationTracer]:
-    """``frozen_eval(model)`` plus an :class:`ActivationTracer`, both undone on exit."""
-    with frozen_eval(model), ActivationTracer(model, activations) as tracer:
+    """``eval_mode(model)`` plus an :class:`ActivationTracer`, both undone on exit."""
+    with eval_mode(model), ActivationTracer(model, activations) as tracer:
         yield tracer
 
 

@@ -37,7 +37,7 @@ import torch
 from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.pathways._common import (
     TargetType,
     format_additional_args,
@@ -207,7 +207,7 @@ def perturbation_curves(
     fill = x.mean(dim=(2, 3), keepdim=True)
     pixels = height * width
     counts = [int(np.floor(q * pixels + 0.5)) for q in frac]
-    with frozen_eval(model), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         if target is None:
             target = model(x, *args).argmax(1)
         target = normalize_target(target, n)
@@ -310,7 +310,7 @@ def captum_scores(
         noise = torch.randn_like(x) * noise_std
         return noise, x - noise
 
-    with frozen_eval(model, freeze=False):
+    with eval_mode(model):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             infid = infidelity(

@@ -46,4 +46,6 @@ SITE_HOOKS: dict[str, SiteHook] = {}
 """Unit-site hooks beyond ``"output"``/``"input"``: ``SITE_HOOKS[unit.hook](module,
 transform)`` registers a hook on ``module`` that applies ``transform`` (the scores of the
 unit layers at that site) to a tensor the module computes internally, and returns its
-handle. Used for the heads of ``nn.MultiheadAttention`` (see ``units/vit.py``)."""
+handle. The hook must act only in the registering thread
+(:func:`captum_chains._utils.hooks.this_thread_only`). Used for the heads of
+``nn.MultiheadAttention`` (see ``units/vit.py``)."""

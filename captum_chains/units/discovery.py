@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.units.adapters import ADAPTERS, INPUT_CHECKS, AdapterResult
 from captum_chains.units.base import GateSpec, HookPoint, ModelStructure, UnitLayer
 from captum_chains.units.trace import ModuleCall, Trace, trace_forward
@@ -93,7 +93,7 @@ def discover(
     """
     for check in INPUT_CHECKS:
         check(model, inputs)
-    with frozen_eval(model):
+    with eval_mode(model):
         trace = trace_forward(model, inputs, additional_args)
     output = trace.output
     if not isinstance(output, torch.Tensor) or output.ndim != 2:

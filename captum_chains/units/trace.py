@@ -16,6 +16,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from captum_chains._utils.hooks import this_thread_only
+
 _ADD_OPS = frozenset({"add", "add_", "__add__", "__iadd__", "__radd__"})
 _LAYOUT_OPS = frozenset({"permute", "contiguous", "transpose"})
 
@@ -115,7 +117,7 @@ def trace_forward(
     """Run ``model(*inputs, *additional_args)`` once under no_grad and record its dataflow.
 
     The caller is responsible for the model's mode (see
-    :func:`captum_chains._utils.model_state.frozen_eval`). All hooks are removed before
+    :func:`captum_chains._utils.model_state.eval_mode`). All hooks are removed before
     this function returns, also when the forward pass raises.
     """
     trace = Trace()
@@ -153,8 +155,8 @@ def trace_forward(
             if not name:
                 continue
             pre, post = make_hooks(name, module)
-            handles.append(module.register_forward_pre_hook(pre))
-            handles.append(module.register_forward_hook(post))
+            handles.append(module.register_forward_pre_hook(this_thread_only(pre)))
+            handles.append(module.register_forward_hook(this_thread_only(post)))
         with torch.no_grad(), _Recorder(trace, tick):
             trace.output = model(*inputs, *additional_args)
     finally:

@@ -53,6 +53,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from captum_chains._utils.hooks import this_thread_only
 from captum_chains.units.adapters import ADAPTERS, INPUT_CHECKS, SITE_HOOKS, AdapterResult
 from captum_chains.units.base import GateSpec, UnitLayer
 from captum_chains.units.trace import FunctionCall, ModuleCall, Trace
@@ -115,12 +116,12 @@ def token_layout(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ..
     ValueError
         If the model has no patch embedding followed by transformer blocks.
     """
-    from captum_chains._utils.model_state import frozen_eval
+    from captum_chains._utils.model_state import eval_mode
     from captum_chains.units.trace import trace_forward
 
     items = inputs if isinstance(inputs, tuple) else (inputs,)
     check_vit_input(model, items)
-    with frozen_eval(model):
+    with eval_mode(model):
         trace = trace_forward(model, tuple(x[:1] for x in items))
     blocks = _transformer_blocks(model, trace)
     embed = _patch_embedding(model, trace, blocks)
@@ -289,7 +290,7 @@ def register_mha_head_hook(
             delta = delta.transpose(0, 1)
         return attn_output + delta, weights
 
-    return module.register_forward_hook(hook, with_kwargs=True)
+    return module.register_forward_hook(this_thread_only(hook), with_kwargs=True)
 
 
 # ---------------------------------------------------------------------------- discovery

@@ -16,7 +16,8 @@ import torch
 from matplotlib.figure import Figure
 from torch import nn
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.hooks import this_thread_only
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.masking import apply_masks
 from captum_chains.subnetwork import SubNetwork
 from captum_chains.units.base import ModelStructure, UnitLayer
@@ -160,13 +161,13 @@ def _capture_hooks(
             if unit.hook == "output":
                 handles.append(
                     module.register_forward_hook(
-                        lambda m, a, out, n=unit.name: save(n, out)  # type: ignore[misc]
+                        this_thread_only(lambda m, a, out, n=unit.name: save(n, out))
                     )
                 )
             else:
                 handles.append(
                     module.register_forward_pre_hook(
-                        lambda m, a, n=unit.name: save(n, a[0])  # type: ignore[misc]
+                        this_thread_only(lambda m, a, n=unit.name: save(n, a[0]))
                     )
                 )
         yield
@@ -236,10 +237,10 @@ def site_maps(
 @contextmanager
 def _masked(model: nn.Module, subnetwork: SubNetwork, network: Network) -> Iterator[None]:
     if network == "subnetwork":
-        with apply_masks(model, subnetwork.structure, subnetwork.mask_state(), freeze=True):
+        with apply_masks(model, subnetwork.structure, subnetwork.mask_state()):
             yield
     else:
-        with frozen_eval(model):
+        with eval_mode(model):
             yield
 
 

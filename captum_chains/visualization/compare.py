@@ -25,7 +25,7 @@ from captum.attr import Attribution, IntegratedGradients, LayerAttribution, Laye
 from captum.attr import visualization as viz
 from matplotlib.figure import Figure
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.masking import apply_masks
 from captum_chains.visualization._common import (
     Denormalize,
@@ -185,7 +185,7 @@ def compare_attributions(
     signs_by = {
         (_method_name(k) if not isinstance(k, str) else k): v for k, v in (signs or {}).items()
     }
-    with frozen_eval(model, freeze=False), torch.no_grad():
+    with eval_mode(model), torch.no_grad():
         logits = model(x)
     if target is None:
         targets = logits.argmax(dim=1)
@@ -207,9 +207,9 @@ def compare_attributions(
     subnet: dict[str, torch.Tensor] = {}
     for network, store in (("original", original), ("subnetwork", subnet)):
         ctx = (
-            apply_masks(model, sub.structure, sub.mask_state(), freeze=True)
+            apply_masks(model, sub.structure, sub.mask_state())
             if network == "subnetwork"
-            else frozen_eval(model, freeze=True)
+            else eval_mode(model)
         )
         with ctx:
             for m, name in zip(methods, names):

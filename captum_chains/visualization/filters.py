@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from matplotlib.figure import Figure
 
-from captum_chains._utils.model_state import frozen_eval
+from captum_chains._utils.model_state import eval_mode
 from captum_chains._utils.progress import tqdm
 from captum_chains.masking import apply_masks
 from captum_chains.units.base import UnitLayer
@@ -202,9 +202,9 @@ def _filter_objective(
     model = sub.model
     store: dict[str, torch.Tensor] = {}
     ctx = (
-        apply_masks(model, sub.structure, sub.mask_state(), freeze=True)
+        apply_masks(model, sub.structure, sub.mask_state())
         if network == "subnetwork"
-        else frozen_eval(model)
+        else eval_mode(model)
     )
     with ctx, _capture_hooks(model, [unit], store, stop=True):
         try:
@@ -325,10 +325,10 @@ def activation_maximization(
                 )
             opt = torch.optim.Adam([image.param], lr=lr)
             for _ in range(steps):
-                opt.zero_grad()
                 x = _random_transform(image(), gen, jitter, scale, rotate)
                 objective = _filter_objective(sub, unit, to_input(x).to(device), target, network)
-                (-objective.sum()).backward()
+                # autograd.grad, not backward(): the model's parameters get no .grad
+                (image.param.grad,) = torch.autograd.grad(-objective.sum(), [image.param])
                 opt.step()
                 bar.update(1)
             with torch.no_grad():

@@ -1,0 +1,138 @@
+"""The user's model is shared state: threads extracting on it, or running it, never interfere."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from conftest import make_inputs, make_model
+
+from captum_chains import ChainExtractor, ConcurrentUseError
+from captum_chains._utils.model_state import ModelSnapshot, eval_mode
+
+FAST = {"steps": 25, "finetune_steps": 3, "l1": 0.05, "early_stop_min_steps": 25}
+
+
+def _in_threads(jobs: list[Callable[[], Any]]) -> list[Any]:
+    """Run ``jobs`` in threads that start together; return results or raised exceptions."""
+    barrier = threading.Barrier(len(jobs))
+    results: list[Any] = [None] * len(jobs)
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = jobs[i]()
+        except BaseException as err:
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    return results
+
+
+def _extract(model: torch.nn.Module, x: torch.Tensor):
+    return ChainExtractor(model, **FAST).attribute(x, progress=False)
+
+
+@pytest.mark.parametrize("family", ["plain", "residual", "depthwise"])
+def test_threads_extracting_on_one_model_get_the_serial_result(family: str) -> None:
+    model = make_model(family, width=4, seed=1)
+    inputs = [make_inputs(n=4, seed=s) for s in range(3)]
+    snapshot = ModelSnapshot.take(model)
+    serial = [_extract(model, x) for x in inputs]
+    for _ in range(2):
+        results = _in_threads([lambda x=x: _extract(model, x) for x in inputs])
+        for chain, reference in zip(results, serial):
+            assert not isinstance(chain, BaseException), repr(chain)
+            assert chain.importance.keys() == reference.importance.keys()
+            for name, scores in reference.importance.items():
+                torch.testing.assert_close(chain.importance[name], scores, rtol=1e-5, atol=1e-6)
+            assert chain.gates == reference.gates
+            assert chain.num_filters == reference.num_filters
+        snapshot.assert_unchanged(model)
+
+
+def test_the_plain_model_is_unaffected_while_a_subnetwork_runs_in_another_thread() -> None:
+    model = make_model("residual", width=4, seed=2)
+    x = make_inputs(n=4, seed=3)
+    chain = _extract(model, x)
+    with torch.no_grad():
+        expected, expected_sub = model(x), chain.subnetwork(x)
+    assert not torch.allclose(expected, expected_sub)  # the masks change the outputs
+    calls = 150
+
+    def plain() -> int:
+        wrong = 0
+        with torch.no_grad():
+            for _ in range(calls):
+                wrong += not torch.equal(model(x), expected)
+        return wrong
+
+    def masked() -> int:
+        wrong = 0
+        with torch.no_grad():
+            for _ in range(calls):
+                wrong += not torch.equal(chain.subnetwork(x), expected_sub)
+        return wrong
+
+    snapshot = ModelSnapshot.take(model)
+    assert _in_threads([plain, masked]) == [0, 0]
+    snapshot.assert_unchanged(model)
+
+
+def test_a_training_mode_model_is_refused_to_a_second_thread_never_corrupted() -> None:
+    model = make_model("plain", width=4, seed=4).train()
+    x = make_inputs(n=4, seed=5)
+    snapshot = ModelSnapshot.take(model)
+    inside, release = threading.Event(), threading.Event()
+
+    def holder() -> None:
+        with eval_mode(model):
+            assert not model.training
+            inside.set()
+            release.wait(timeout=60)
+
+    thread = threading.Thread(target=holder)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        with pytest.raises(ConcurrentUseError, match=r"model\.eval\(\)"):
+            _extract(model, x)
+        assert not model.training  # still the holder's eval mode: nothing was undone under it
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert model.training
+    snapshot.assert_unchanged(model)
+    # alone, the same call works and leaves the model in training mode
+    _extract(model, x)
+    snapshot.assert_unchanged(model)
+
+
+def test_an_eval_mode_model_is_shared_without_any_change() -> None:
+    model = make_model("plain", width=4, seed=6)
+    inside = []
+    with eval_mode(model):
+        results = _in_threads([lambda: _enter(model, inside)] * 2)
+    assert results == [None, None] and inside == [False, False]
+
+
+def _enter(model: torch.nn.Module, record: list[bool]) -> None:
+    with eval_mode(model):
+        record.append(model.training)
+
+
+def test_extraction_never_writes_parameter_gradients() -> None:
+    model = make_model("residual", width=4, seed=7)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 0.25)
+    snapshot = ModelSnapshot.take(model)
+    _extract(model, make_inputs(n=4, seed=8))
+    snapshot.assert_unchanged(model)
+    assert all(p.requires_grad for p in model.parameters())
