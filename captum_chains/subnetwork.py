@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from captum_chains._utils.files import read_safetensors, write_safetensors
+from captum_chains._utils.model_state import eval_mode
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.units.adapters import SITE_HOOKS
 from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
@@ -103,6 +104,12 @@ class SubNetwork(nn.Module):
       :func:`torch.func.functional_call` with its parameters and buffers cast to the
       SubNetwork's :attr:`dtype` and moved to its :attr:`device` (a per-call copy; the
       model keeps its own). At the model's own dtype and device the model runs as is.
+    * Threads: at the model's dtype and device, a call masks the model only for the
+      calling thread (other threads running the model, or other sub-networks of it, are
+      unaffected). A cast sub-network's call swaps the model's tensors for its duration
+      (that is how ``functional_call`` works), so it is refused with
+      :class:`~captum_chains.ConcurrentUseError` while another thread runs the model
+      through the package, and must not overlap a plain ``model(x)`` in another thread.
     * ``parameters()`` yields the model's parameters (named ``model.<name>``): the
       tensors the forward pass reads and gradients reach.
     * ``state_dict()`` holds what defines the sub-network *given* the model: ``scores``,
@@ -194,7 +201,10 @@ class SubNetwork(nn.Module):
         with apply_masks(self.model, self.structure, self.mask_state()):
             if self.runs_in_place():
                 return self.model(*inputs)
-            return torch.func.functional_call(self.model, self._cast_tensors(), inputs)
+            # functional_call swaps the model's tensors during the call: no other thread
+            # may run the model through the package meanwhile
+            with eval_mode(self.model, exclusive=True):
+                return torch.func.functional_call(self.model, self._cast_tensors(), inputs)
 
     # ------------------------------------------------------------------ nn.Module state
     def named_parameters(

@@ -136,3 +136,27 @@ def test_extraction_never_writes_parameter_gradients() -> None:
     _extract(model, make_inputs(n=4, seed=8))
     snapshot.assert_unchanged(model)
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_a_cast_subnetwork_refuses_to_swap_tensors_under_another_thread() -> None:
+    model = make_model("plain", width=4, seed=9)
+    x = make_inputs(n=4, seed=10)
+    sub = _extract(model, x).subnetwork
+    sub.double()
+    inside, release = threading.Event(), threading.Event()
+
+    def other_user() -> None:
+        with eval_mode(model):
+            inside.set()
+            release.wait(timeout=60)
+
+    thread = threading.Thread(target=other_user)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        with pytest.raises(ConcurrentUseError, match="another thread"):
+            sub(x.double())
+    finally:
+        release.set()
+        thread.join(timeout=60)
+    assert sub(x.double()).dtype == torch.float64  # alone, it runs

@@ -9,9 +9,10 @@ another thread can see.
 from __future__ import annotations
 
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -113,8 +114,11 @@ class _Users:
     """Who is running one model inside :func:`eval_mode` right now."""
 
     model: nn.Module  # held so that ``id(model)`` cannot be reused while registered
-    count: int = 0
-    switcher: int | None = None  # the thread that switched the model to eval mode
+    threads: Counter[int] = field(default_factory=Counter)  # thread -> open uses
+    owner: int | None = None  # the thread whose use changes what others see, if any
+
+    def others(self, me: int) -> int:
+        return sum(n for thread, n in self.threads.items() if thread != me)
 
 
 _USERS: dict[int, _Users] = {}
@@ -122,7 +126,7 @@ _USERS_LOCK = threading.Lock()
 
 
 @contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+def eval_mode(model: nn.Module, *, exclusive: bool = False) -> Iterator[nn.Module]:
     """Run ``model`` in eval mode without changing anything another thread can see.
 
     A model whose modules are all in eval mode already (the usual case for a pretrained
@@ -136,30 +140,42 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
     package takes gradients with ``torch.autograd.grad`` so that no ``.grad`` of the
     model's parameters is written.
 
+    Parameters
+    ----------
+    model : nn.Module
+        The user's model.
+    exclusive : bool
+        The body changes what other threads would see of the model (e.g.
+        ``torch.func.functional_call`` swaps its tensors during a call): refuse, and be
+        refused, like a mode switch.
+
     Raises
     ------
     ConcurrentUseError
-        If switching modes would change the model under another thread's feet.
+        If the use would change the model under another thread's feet.
     """
     me = threading.get_ident()
     modes = [(m, m.training) for m in model.modules()]
     switch = any(training for _, training in modes)
     with _USERS_LOCK:
         users = _USERS.setdefault(id(model), _Users(model))
-        if users.switcher not in (None, me) or (
-            switch and users.count > 0 and users.switcher is None
-        ):
-            if users.count == 0:
+        owned_elsewhere = users.owner not in (None, me)
+        if owned_elsewhere or ((switch or exclusive) and users.others(me) > 0):
+            if not users.threads:
                 del _USERS[id(model)]
+            what = "is in training mode" if switch and not owned_elsewhere else "is being changed"
             raise ConcurrentUseError(
-                f"{type(model).__name__} is in training mode and another thread is running it "
-                "through captum_chains; switching it to eval mode would change that thread's "
-                "results. Call model.eval() before sharing the model between threads, or give "
-                "each thread its own copy.deepcopy(model)."
+                f"{type(model).__name__} {what} while another thread runs it through "
+                "captum_chains; going on would change that thread's results. Call "
+                "model.eval() before sharing the model between threads (and keep sub-networks "
+                "at the model's dtype and device), or give each thread its own "
+                "copy.deepcopy(model)."
             )
-        users.count += 1
+        users.threads[me] += 1
+        claimed = (switch or exclusive) and users.owner is None
+        if claimed:
+            users.owner = me
         if switch:
-            users.switcher = me
             model.eval()
     try:
         yield model
@@ -168,7 +184,10 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             if switch:
                 for m, training in modes:
                     m.training = training
-                users.switcher = None
-            users.count -= 1
-            if users.count == 0:
+            if claimed:
+                users.owner = None
+            users.threads[me] -= 1
+            if users.threads[me] == 0:
+                del users.threads[me]
+            if not users.threads:
                 del _USERS[id(model)]
