@@ -187,14 +187,15 @@ def apply_masks(
     with eval_mode(model), folded_norms(folds):
         try:
             for gate_start, names in starts.items():
-                hook = this_thread_only(_stash_hook(names, stash, state))
-                handles.append(modules[gate_start].register_forward_pre_hook(hook))
+                start = modules[gate_start]
+                hook = this_thread_only(_stash_hook(names, stash, state), start)
+                handles.append(start.register_forward_pre_hook(hook))
             for (name, hook_kind), handler in sites.items():
                 module = modules[name]
                 if hook_kind == "output":
-                    handles.append(module.register_forward_hook(_output_hook(handler)))
+                    handles.append(module.register_forward_hook(_output_hook(handler, module)))
                 elif hook_kind == "input":
-                    handles.append(module.register_forward_pre_hook(_input_hook(handler)))
+                    handles.append(module.register_forward_pre_hook(_input_hook(handler, module)))
                 elif hook_kind in SITE_HOOKS:  # e.g. heads inside nn.MultiheadAttention
                     handles.append(SITE_HOOKS[hook_kind](module, handler.transform))
                 else:
@@ -272,20 +273,18 @@ def _stash_hook(names: list[str], stash: dict[str, torch.Tensor], state: MaskSta
     return hook
 
 
-def _output_hook(handler: _SiteHook):
-    @this_thread_only
+def _output_hook(handler: _SiteHook, site: nn.Module):
     def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         return handler.transform(output)
 
-    return hook
+    return this_thread_only(hook, site)
 
 
-def _input_hook(handler: _SiteHook):
-    @this_thread_only
+def _input_hook(handler: _SiteHook, site: nn.Module):
     def hook(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
         return (handler.transform(args[0]), *args[1:])
 
-    return hook
+    return this_thread_only(hook, site)
 
 
 def state_from_mappings(

@@ -160,3 +160,33 @@ def test_a_cast_subnetwork_refuses_to_swap_tensors_under_another_thread() -> Non
         release.set()
         thread.join(timeout=60)
     assert sub(x.double()).dtype == torch.float64  # alone, it runs
+
+
+def test_copies_and_pickles_taken_during_a_fold_are_plain_models() -> None:
+    import copy
+    import io
+
+    from captum_chains._utils.norm_fold import folded_norms
+    from captum_chains.masking import MaskState, apply_masks
+
+    model = make_model("residual", width=4, seed=11)
+    x = make_inputs(n=2, seed=12)
+    with torch.no_grad():
+        expected = model(x)
+    classes = {name: type(m) for name, m in model.named_modules()}
+    structure = ChainExtractor(model).discover(x)
+    state = MaskState(scores={u.name: torch.full((u.size,), 0.5) for u in structure.units})
+    with apply_masks(model, structure, state, fold_norms=True):
+        assert any(type(m) is not classes[n] for n, m in model.named_modules())  # folding
+        twin = copy.deepcopy(model)  # carries the masking hooks, which ignore the copy
+    norms = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    with folded_norms({m: lambda: None for m in norms.values()}):  # the fold alone: no hooks
+        assert all(type(m) is not classes[n] for n, m in norms.items())
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+    buffer.seek(0)
+    for other in (twin, torch.load(buffer, weights_only=False)):
+        assert {name: type(m) for name, m in other.named_modules()} == classes
+        with torch.no_grad():
+            assert torch.equal(other(x), expected)
+    assert {name: type(m) for name, m in model.named_modules()} == classes

@@ -16,17 +16,19 @@ from typing import Any, TypeVar, cast
 HookFn = TypeVar("HookFn", bound=Callable[..., Any])
 
 
-def this_thread_only(hook: HookFn) -> HookFn:
+def this_thread_only(hook: HookFn, module: object | None = None) -> HookFn:
     """Wrap ``hook`` so that it runs only in the calling thread (elsewhere it returns None).
 
     A forward (pre-)hook returning ``None`` leaves the call unchanged, so the wrapped hook
-    is invisible to other threads.
+    is invisible to other threads. With ``module`` given, it also does nothing when called
+    for another module (a ``copy.deepcopy`` of the model taken while the hook is
+    registered carries the hook along; the copy stays unaffected).
     """
     owner = threading.get_ident()
 
     @functools.wraps(hook)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() != owner:
+        if threading.get_ident() != owner or (module is not None and args[0] is not module):
             return None
         return hook(*args, **kwargs)
 

@@ -13,7 +13,8 @@ identical except that
 * ``forward`` asks the calling thread's fold, if any, for the scaled tensors first.
 
 Other threads, ``state_dict()``, ``named_parameters()`` and hooks (which run outside
-``forward``) see the module unchanged. The class is restored when the last fold leaves.
+``forward``) see the module unchanged; copies and pickles made meanwhile are of the
+original class. The class is restored when the last fold leaves.
 """
 
 from __future__ import annotations
@@ -75,11 +76,17 @@ def _folding_subclass(base: type) -> type:
         finally:
             del active[id(self)]
 
+    def __reduce_ex__(self: nn.Module, protocol: Any) -> Any:
+        # copies and pickles taken while a fold is installed are of the original class
+        reduced = object.__reduce_ex__(self, protocol)
+        return (_new_instance, (base,), *reduced[2:])
+
     cls = type(
         base.__name__,
         (base,),
         {
             "forward": forward,
+            "__reduce_ex__": __reduce_ex__,
             "weight": _parameter(0, "weight"),
             "bias": _parameter(1, "bias"),
             "__module__": base.__module__,
@@ -89,6 +96,11 @@ def _folding_subclass(base: type) -> type:
     )
     _SUBCLASSES[base] = cls
     return cls
+
+
+def _new_instance(cls: type) -> Any:
+    """An empty instance of ``cls`` (unpickling restores its state)."""
+    return cls.__new__(cls)
 
 
 def _install(module: nn.Module) -> None:

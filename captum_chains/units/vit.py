@@ -290,7 +290,7 @@ def register_mha_head_hook(
             delta = delta.transpose(0, 1)
         return attn_output + delta, weights
 
-    return module.register_forward_hook(this_thread_only(hook), with_kwargs=True)
+    return module.register_forward_hook(this_thread_only(hook, module), with_kwargs=True)
 
 
 # ---------------------------------------------------------------------------- discovery
