@@ -214,22 +214,15 @@ def apply_masks(
 def _norm_folds(
     modules: dict[str, nn.Module], structure: ModelStructure, state: MaskState, folded: set[str]
 ) -> dict[nn.Module, Fold]:
-    """A fold per unit layer scored right at an affine BatchNorm's output.
+    """A fold per unit layer whose scores scale an affine BatchNorm's output (``unit.norm``).
 
-    That is a unit whose site is a BatchNorm's output, or the input of the activation
-    child ``<bn>.act`` of a fused norm-activation module (timm ``BatchNormAct2d``), with
-    one score per channel; one unit per BatchNorm. Only 1-D scores are folded: ``[K, C]``
+    One unit per BatchNorm, one score per channel. Only 1-D scores are folded: ``[K, C]``
     scores of batched regions take the site hook's path.
     """
     candidates: dict[str, list[UnitLayer]] = {}
     for unit in structure.units:
-        if unit.hook == "output":
-            norm = unit.site
-        elif unit.hook == "input" and unit.site.endswith(".act"):
-            norm = unit.site.rsplit(".", 1)[0]
-        else:
-            continue
-        candidates.setdefault(norm, []).append(unit)
+        if unit.norm is not None:
+            candidates.setdefault(unit.norm, []).append(unit)
     folds: dict[nn.Module, Fold] = {}
     for norm, units in candidates.items():
         module = modules.get(norm)

@@ -49,3 +49,12 @@ unit layers at that site) to a tensor the module computes internally, and return
 handle. The hook must act only in the registering thread
 (:func:`captum_chains._utils.hooks.this_thread_only`). Used for the heads of
 ``nn.MultiheadAttention`` (see ``units/vit.py``)."""
+
+
+FusedActivation = Callable[[nn.Module], "str | None"]
+
+FUSED_ACTIVATIONS: list[FusedActivation] = []
+"""Rules for fused norm + activation modules: ``rule(norm_module)`` returns the name of the
+child that applies the activation after the normalization (timm's ``BatchNormAct2d``:
+``"act"``), or ``None``. The scores of a convolution normalized by such a module act at
+that child's input: after the normalization, before the activation (Eq. 3)."""

@@ -53,6 +53,11 @@ class UnitLayer:
         Spatial/token shape of the site tensor for one input (empty when there is none).
     block : str or None
         Name of the gated block that contains this layer, if any.
+    norm : str or None
+        The normalization module whose per-channel affine output the scores scale (the
+        site itself, or the norm module of a fused norm + activation whose activation's
+        input is the site); the optimization may fold the scores into its affine
+        parameters. ``None`` when the scores act elsewhere.
     """
 
     name: str
@@ -66,6 +71,7 @@ class UnitLayer:
     depthwise: bool = False
     spatial: tuple[int, ...] = ()
     block: str | None = None
+    norm: str | None = None
 
     def label(self, index: int) -> str:
         """Paper-style label of one unit, e.g. ``layer3.0.conv3.683``."""

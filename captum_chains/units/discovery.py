@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from captum_chains._utils.model_state import eval_mode
-from captum_chains.units.adapters import ADAPTERS, INPUT_CHECKS, AdapterResult
+from captum_chains.units.adapters import ADAPTERS, FUSED_ACTIVATIONS, INPUT_CHECKS, AdapterResult
 from captum_chains.units.base import GateSpec, HookPoint, ModelStructure, UnitLayer
 from captum_chains.units.trace import ModuleCall, Trace, trace_forward
 
@@ -177,7 +177,7 @@ def _conv_units(
         call = calls[0]
         if call.output_shape is None or _is_pooled(call.output_shape, model_input):
             continue
-        site, hook, dim, site_shape = _score_site(trace, call)
+        site, hook, dim, site_shape, norm = _score_site(trace, call)
         if site in claimed:
             continue
         groups = module.groups
@@ -194,6 +194,7 @@ def _conv_units(
                 spatial=tuple(
                     s for i, s in enumerate(site_shape[1:], 1) if i != dim % len(site_shape)
                 ),
+                norm=norm,
             )
         )
     if reused:
@@ -204,27 +205,44 @@ def _conv_units(
     return units
 
 
-def _score_site(trace: Trace, conv: ModuleCall) -> tuple[str, HookPoint, int, tuple[int, ...]]:
-    """Where a conv's filter scores act: after its norm (Eq. 3), else at its output."""
+def _score_site(
+    trace: Trace, conv: ModuleCall
+) -> tuple[str, HookPoint, int, tuple[int, ...], str | None]:
+    """Where a conv's filter scores act (after its norm, Eq. 3, else at its output).
+
+    Returns the site, the hook point, the channel dimension, the site tensor's shape and
+    the BatchNorm whose affine output the scores scale (``None`` if there is none).
+    """
     assert conv.output_id is not None and conv.output_shape is not None
     consumers = trace.consumers(conv.output_id)
     if consumers and isinstance(consumers[0].module, NORM_TYPES):
         norm = consumers[0]
         if trace.single_call(norm.name) is not None and norm.output_shape == conv.output_shape:
-            act_name = f"{norm.name}.act"
-            act = getattr(norm.module, "act", None)
-            act_call = trace.single_call(act_name)
-            if isinstance(act, nn.Module) and act_call is not None and act_call.input_shape:
-                return act_name, "input", 1, act_call.input_shape
-            return norm.name, "output", 1, norm.output_shape
+            batch_norm = (
+                norm.name if isinstance(norm.module, nn.modules.batchnorm._BatchNorm) else None
+            )
+            child = _fused_activation(norm.module)
+            act_call = trace.single_call(f"{norm.name}.{child}") if child else None
+            if act_call is not None and act_call.input_shape:
+                return act_call.name, "input", 1, act_call.input_shape, batch_norm
+            return norm.name, "output", 1, norm.output_shape, batch_norm
     layout = trace.layout_alias(conv.output_id)
     if layout is not None and layout.output_id is not None and layout.op == "permute":
         dims = _permutation(layout.args)
         for norm in trace.consumers(layout.output_id):
             if isinstance(norm.module, NORM_TYPES) and trace.single_call(norm.name) and dims:
                 assert norm.output_shape is not None
-                return norm.name, "output", dims.index(1), norm.output_shape
-    return conv.name, "output", 1, conv.output_shape
+                return norm.name, "output", dims.index(1), norm.output_shape, None
+    return conv.name, "output", 1, conv.output_shape, None
+
+
+def _fused_activation(module: nn.Module) -> str | None:
+    """The activation child of a fused norm + activation module (see FUSED_ACTIVATIONS)."""
+    for rule in FUSED_ACTIVATIONS:
+        child = rule(module)
+        if child is not None and isinstance(getattr(module, child, None), nn.Module):
+            return child
+    return None
 
 
 def _permutation(args: tuple[Any, ...]) -> tuple[int, ...] | None:
