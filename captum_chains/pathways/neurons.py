@@ -1,46 +1,10 @@
-"""Generic discovery of activation neurons, and the traced forward pass that gates them.
+"""Activation neurons of critical pathways, found in any model, and the tracer that masks them.
 
-Khakzar et al. (CVPR 2021, Sec. 3) call every element of every rectifier output a
-*neuron*: for a conv layer, one channel at one spatial position. This module finds
-those outputs in any model without knowing its architecture.
-
-How activations are found
--------------------------
-While the model runs, a :class:`torch.overrides.TorchFunctionMode` sees every call of
-a torch function. A call is an *activation* when the function is one of the
-rectifier-type nonlinearities of :data:`ACTIVATION_KINDS` — whether the model calls it
-through a module (``nn.ReLU``, ``nn.ReLU6``, timm's ``BatchNormAct2d.act``, ...) or
-functionally (``F.relu``, ``torch.relu``, ``x.relu()``, ...). No module types are
-listed and nothing is monkey-patched.
-
-Each activation call is identified by its *site*: the stack of modules executing at
-the time (maintained by forward pre/post hooks that live only inside
-:class:`ActivationTracer`), the line of model code that made the call (the first
-stack frame outside ``torch``), the activation kind, and - only for calls that share
-all of these, i.e. a loop running the same line in the same module - how many such
-calls came before in the same pass. A module reused at several places (torchvision
-ResNet's ``Bottleneck.relu`` runs three times per block) therefore gives one site per
-line that calls it, and masks are applied by site, never by counting calls of the
-module.
-
-Which nonlinearities are neurons (the documented choice)
---------------------------------------------------------
-By default: ReLU, ReLU6 (and ``hardtanh`` with ``min_val == 0``, which is what
-``nn.ReLU6`` calls), LeakyReLU, GELU, SiLU, Hardswish, ELU, CELU, SELU and Mish: the
-elementwise rectifier family whose outputs carry the features. Gating
-nonlinearities (sigmoid, tanh, softmax, hardsigmoid) are *not* neurons: in
-squeeze-excitation blocks and attention they scale other features rather than carry
-their own. Pass ``activations=("relu",)`` to restrict the set.
-
-Dataflow to conv filters
-------------------------
-During the first pass the tracer also records which convolution or linear modules
-produced each activation's input, following the tensor through shape-preserving
-per-channel operations (batch/instance/group norm, dropout, residual additions,
-scalar scaling, pooling). For timm's ``conv -> BatchNormAct2d(ReLU6)`` the conv's
-filter ``f`` thus maps to channel ``f`` of the ReLU6 output; a residual sum feeding an
-activation maps to every conv on both branches. These :class:`Producer` links are
-what :mod:`captum_chains.pathways.overlap` uses.
+A neuron (Khakzar et al., CVPR 2021, Sec. 3) is one element of a rectifier output.
+:class:`ActivationTracer` finds every activation call through a ``TorchFunctionMode``
+(module or functional), identifies it by its call site, masks it, and records which
+convolutions produced its input (:class:`Producer`). Which nonlinearities count and how
+sites are keyed: ``docs/architecture.md`` ("Activation neurons of critical pathways").
 """
 
 from __future__ import annotations

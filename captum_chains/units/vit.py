@@ -1,44 +1,10 @@
 """Vision-transformer adapter: attention heads, MLP neurons, embedding channels, branch gates.
 
-The journal version of NeuroChains (Wang, Zhou and Bilmes) scores the units of vision
-transformers. This adapter finds them from the module types and the recorded dataflow
-of one forward pass, never from model names or a hard-coded token grid:
-
-* **attention** -- a module with an integer ``num_heads`` whose last-called direct
-  ``nn.Linear`` child is the output projection (timm ``Attention``, ``WindowAttention``
-  (Swin), ``EvaAttention``, BEiT's ``Attention``, ...). One unit per head: its score
-  multiplies that head's ``head_dim`` channels of the projection's *input*, i.e. the
-  concatenated head outputs ``[B, N, heads * head_dim]`` (unit kind ``"head"``,
-  ``hook="input"``, ``channel_dim=-1``, ``unit_width=head_dim``). This tensor exists the
-  same way with fused (``F.scaled_dot_product_attention``) and unfused attention; a
-  per-head ``q_norm``/``k_norm`` acts before it and a cross-head ``attn.norm`` or an
-  output gate act before it too, so the score always scales exactly what the projection
-  reads from that head;
-* **nn.MultiheadAttention** (torchvision ``vit_b_16``) never calls its ``out_proj``
-  module: ``F.multi_head_attention_forward`` reads ``out_proj.weight`` directly, so no
-  module sees the concatenated heads. Its heads use the site hook ``"mha"``
-  (:func:`register_mha_head_hook`): a forward hook recomputes the head outputs ``z``
-  from the module's own weights and adds ``out_proj(S * z - z)`` (no bias) to the
-  module's output. With all scores 1 the correction is exactly zero, so the model is
-  reproduced bit for bit; its gradient with respect to the scores is exact;
-* **MLP** -- inside a transformer block, a module with at least two per-token
-  ``nn.Linear`` children. One unit per hidden neuron, scored at the input of the
-  last-called linear (``fc2``), i.e. after the activation of ``fc1`` (and after a GLU
-  product or hidden norm when the MLP has one; kind ``"neuron"``);
-* **patch embedding** -- the last convolution before the first transformer block (and
-  Swin's patch-merging linears): one unit per embedding channel of the token stream it
-  produces (kind ``"channel"``), scored after the embedding norm when there is one;
-* **branch gates** -- a *transformer block* is the nearest shape-preserving ancestor of
-  an attention module whose own forward adds tensors. Each such addition whose other
-  operand is the output of a child module (``drop_path1``/``ls1``/``dropout``/``mlp``)
-  is a residual branch; a gate of kind ``"branch"``, mode ``"scale"`` multiplies that
-  child's output by ``G``: ``H + G * F(H)``, which is Eq. 7 of the paper with the
-  residual stream as ``H`` (``G = 0`` skips the branch exactly). Closing both gates of a
-  block removes the block.
-
-The adapter claims every module of a transformer block, the blocks' containers and the
-patch embedding, so the generic rules of :mod:`captum_chains.units.discovery` do not
-also turn ``qkv``/``proj``/``fc1``/``fc2`` into neuron layers or blocks into block gates.
+Registers the ViT adapter, its input check and the ``"mha"`` site hook for
+``nn.MultiheadAttention`` heads; exports :func:`token_layout` / :class:`TokenLayout` and
+:func:`register_mha_head_hook`. Units are found from module types and the recorded
+dataflow, never from names or a hard-coded token grid; the rules are in
+``docs/architecture.md`` ("Vision transformers").
 """
 
 from __future__ import annotations
