@@ -499,15 +499,6 @@ def test_state_dict_path_with_arch_and_a_moved_weights_file(
     assert json.loads(out) == json.loads((chain_dir / "summary.json").read_text())
 
 
-def test_export_reports_a_missing_export_package(
-    chain_dir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    monkeypatch.setitem(sys.modules, "captum_chains.export", None)
-    code, _, err = _main(["export", str(chain_dir), "--quiet"], capsys)
-    assert code == 1
-    _assert_one_error_line(err, "export not available")
-
-
 def test_export_onnx_is_a_valid_model(
     followups: dict[str, subprocess.CompletedProcess], work: Path, chain_dir: Path
 ) -> None:

@@ -218,10 +218,8 @@ def cmd_show(args: argparse.Namespace, console: Console) -> int:
 def cmd_export(args: argparse.Namespace, console: Console) -> int:
     import torch
 
-    try:
-        from captum_chains.export import export_subnetwork
-    except ImportError as err:
-        raise CLIError(f"export not available in this installation ({err})") from err
+    from captum_chains.export import export_subnetwork
+
     loaded = load_chain(args, console)
     region = loaded.region()
     console.info("exporting the sub-network")
@@ -274,10 +272,7 @@ def cmd_evaluate(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_study(args: argparse.Namespace, console: Console) -> int:
-    try:
-        from captum_chains.studies import METRICS, plot_study, run_study, sample_regions
-    except ImportError as err:
-        raise CLIError(f"studies not available in this installation ({err})") from err
+    from captum_chains.studies import METRICS, plot_study, run_study, sample_regions
 
     device = parse_device(args.device)
     spec = resolve_model(args.model, args.weights, args.arch, args.num_classes)

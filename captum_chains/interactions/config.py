@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from captum_chains.interactions.optimize import SOLVERS, WEIGHTINGS, SolverConfig
+from captum_chains.interactions.problem import SOLVERS, WEIGHTINGS, SolverConfig
 
 METHODS = ("shared", "single")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "float16": torch.float16}

@@ -24,7 +24,7 @@ import scipy.sparse as sp
 import torch
 
 from captum_chains._utils.progress import tqdm
-from captum_chains.interactions.optimize import Problem, Solution
+from captum_chains.interactions.problem import Problem, Solution
 
 _Z_CACHE: dict[int, sp.csc_matrix] = {}
 

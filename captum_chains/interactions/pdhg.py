@@ -35,7 +35,7 @@ import math
 import torch
 
 from captum_chains._utils.progress import tqdm
-from captum_chains.interactions.optimize import (
+from captum_chains.interactions.problem import (
     Problem,
     Solution,
     SolverConfig,

@@ -33,12 +33,12 @@ FIGURES: tuple[str, ...] = (
 
 
 def _as_mapping(results: Any) -> dict[str, Any]:
-    from captum_chains.studies.result import StudyResult
-
-    if isinstance(results, StudyResult):
-        return {results.out_dir.name: results}
+    # a StudyResult is recognised by its attributes: this module does not import
+    # studies.result, which imports it (StudyResult.figures)
     if isinstance(results, Mapping):
         return dict(results)
+    if hasattr(results, "out_dir") and hasattr(results, "regions") and hasattr(results, "ok"):
+        return {results.out_dir.name: results}
     raise TypeError(f"expected a StudyResult or a dict of name -> StudyResult, got {results!r}")
 
 
