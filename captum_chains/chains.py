@@ -63,11 +63,16 @@ that the path carries.
 
 from __future__ import annotations
 
+import gc
 import heapq
+import itertools
+import math
+import operator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import fx
 
@@ -76,9 +81,10 @@ from captum_chains.export import rules_layers as _rules_layers  # noqa: F401  (r
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.api import load_extensions
 from captum_chains.export.build import shallow_clone
+from captum_chains.export.recording import record
 from captum_chains.export.rules_layers import ChannelNormRule, ConvRule, LinearRule
 from captum_chains.export.rules_ops import SPECIAL, BinaryRule, CatRule, PerChannelRule, ScaleRule
-from captum_chains.export.tracing import apply_subnetwork, trace, working_copy
+from captum_chains.export.tracing import apply_subnetwork, working_copy
 from captum_chains.export.vit import HeadCore
 
 FORMULA = (
@@ -97,6 +103,7 @@ def chain_graph(
     target: int | Sequence[int] | None = None,
     max_in_edges: int | None = None,
     class_names: Sequence[str] | None = None,
+    edges: str = "flow",
 ) -> Any:
     """The filter -> filter graph of a chain on its region (see the module docstring).
 
@@ -114,6 +121,11 @@ def chain_graph(
         before pruning).
     class_names : sequence of str, optional
         Names for the logit nodes' labels.
+    edges : {"flow", "all"}
+        ``"flow"``: the edges that carry flow on the region (``weight > 0``);
+        ``"all"``: also those that link two kept units through a weight but carry no
+        flow on the region (a channel that is zero on every input): ``weight`` and
+        ``fraction`` 0, ``weight_sum > 0``.
 
     Returns
     -------
@@ -123,6 +135,8 @@ def chain_graph(
     """
     import networkx as nx
 
+    if edges not in ("flow", "all"):
+        raise ValueError(f"edges must be 'flow' or 'all', got {edges!r}")
     sub, items = _resolve(chain, inputs)
     flows = _Flows(sub, items)
     classes = flows.targets(target)
@@ -158,15 +172,10 @@ def chain_graph(
             magnitude=float(flows.logit_mean[t]),
             input_layer=False,
         )
-    weights: dict[tuple[str, str], float] = {}
-    for (a, c), (b, j), w in flows.edges(classes):
-        src = units_label(a, c)
-        dst = f"logit.{j}" if b == "logits" else units_label(b, j)
-        weights[src, dst] = weights.get((src, dst), 0.0) + w
-    for (src, dst), w in weights.items():
-        if w > 0 and src in graph and dst in graph:
-            graph.add_edge(src, dst, weight=float(w))
-    _fractions(graph, max_in_edges)
+    src, dst, weight, weight_sum = flows.edge_arrays(classes)
+    names = [units_label(u.name, i) for u in units for i in range(u.size)]
+    names += [f"logit.{t}" for t in range(len(probs))]
+    _add_edges(graph, names, src, dst, weight, weight_sum, max_in_edges, edges == "all")
     return graph
 
 
@@ -191,15 +200,72 @@ def _resolve(chain: Any, inputs: torch.Tensor | None) -> tuple[Any, tuple[torch.
     return sub, format_inputs(inputs)
 
 
-def _fractions(graph: Any, max_in_edges: int | None) -> None:
-    for node in list(graph.nodes):
-        preds = list(graph.in_edges(node, data=True))
-        total = sum(d["weight"] for _, _, d in preds)
-        for _, _, d in preds:
-            d["fraction"] = d["weight"] / total if total > 0 else 0.0
-        if max_in_edges is not None and len(preds) > max_in_edges:
-            preds.sort(key=lambda e: -e[2]["weight"])
-            graph.remove_edges_from([(u, v) for u, v, _ in preds[max_in_edges:]])
+def _add_edges(
+    graph: Any,
+    names: list[str],
+    src: torch.Tensor,
+    dst: torch.Tensor,
+    weight: torch.Tensor,
+    weight_sum: torch.Tensor,
+    max_in_edges: int | None,
+    unlinked: bool = False,
+) -> None:
+    """Add the edges ``names[src] -> names[dst]`` with ``weight``, ``fraction`` and
+    ``weight_sum``.
+
+    Repeated pairs add up; edges with an end outside the graph, and edges of zero
+    weight (unless ``unlinked`` and their ``weight_sum`` is positive), are dropped.
+    ``fraction`` is the edge's share of its target's incoming weight (computed before
+    ``max_in_edges`` keeps only the strongest incoming edges of each node). The
+    adjacency dictionaries are filled directly (one shared data dict per edge, as
+    ``add_edge`` would store it): millions of edges take seconds, not minutes.
+    """
+    import networkx as nx
+
+    in_graph = torch.tensor([n in graph for n in names], dtype=torch.bool)
+    if len(src):
+        size = len(names)
+        key, inverse = torch.unique(src * size + dst, return_inverse=True)
+        weight = torch.zeros(len(key), dtype=torch.float64).index_add_(0, inverse, weight)
+        weight_sum = torch.zeros(len(key), dtype=torch.float64).index_add_(0, inverse, weight_sum)
+        src, dst = key // size, key % size
+    keep = ((weight > 0) | (unlinked & (weight_sum > 0))) & in_graph[src] & in_graph[dst]
+    src, dst, weight, weight_sum = src[keep], dst[keep], weight[keep], weight_sum[keep]
+    total = torch.zeros(len(names), dtype=torch.float64).index_add_(0, dst, weight)
+    fraction = torch.where(total[dst] > 0, weight / total[dst], torch.zeros_like(weight))
+    if max_in_edges is not None and len(dst):
+        order = torch.argsort(-weight, stable=True)
+        order = order[torch.argsort(dst[order], stable=True)]
+        counts = torch.bincount(dst, minlength=len(names))
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.arange(len(order)) - starts[dst[order]]
+        order = order[rank < max_in_edges]
+        src, dst, weight, fraction = src[order], dst[order], weight[order], fraction[order]
+        weight_sum = weight_sum[order]
+    label = np.array(names, dtype=object)
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # millions of small dicts: the cyclic collector would rescan them all
+    try:
+        data = np.empty(len(weight), dtype=object)
+        data[:] = [
+            {"weight": w, "fraction": f, "weight_sum": ws}
+            for w, f, ws in zip(
+                weight.tolist(), fraction.tolist(), weight_sum.tolist(), strict=True
+            )
+        ]
+        for ends, other, adjacency in ((src, dst, graph._succ), (dst, src, graph._pred)):
+            perm = torch.argsort(ends, stable=True).numpy()
+            ordered = data[perm].tolist()
+            other_names = label[other.numpy()[perm]].tolist()
+            nodes, counts = torch.unique_consecutive(ends[perm], return_counts=True)
+            start = 0
+            for node, stop in zip(label[nodes.numpy()].tolist(), counts.cumsum(0).tolist()):
+                adjacency[node].update(zip(other_names[start:stop], ordered[start:stop]))
+                start = stop
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    nx._clear_cache(graph)
 
 
 class _Flows:
@@ -211,17 +277,21 @@ class _Flows:
         inputs = tuple(t.to(device) for t in inputs)
         load_extensions()
         work = working_copy(sub.model)
-        gm, tracer = trace(work)
+        gm, tracer = record(work, inputs)
         scores = {
             n: sub.scores[a:b].detach().to(device) for n, (a, b) in structure.offsets().items()
         }
         closed = [g for g, o in zip(structure.gates, sub.gates_open.tolist()) if not o]
         self.site = apply_subnetwork(gm, tracer, structure.units, scores, closed, always=True)
         self.scores = {n: s.cpu() for n, s in scores.items()}
-        self.a = Analysis(gm, tuple(t[:2] for t in inputs), SPECIAL)
+        self.a = Analysis(gm, inputs, SPECIAL)
         self.gm = gm
         self.units = {u.name: u for u in structure.units}
         self.width = {u.name: u.unit_width for u in structure.units}
+        sizes = [u.size for u in structure.units]
+        starts = [0, *itertools.accumulate(sizes)]
+        self.offset = {u.name: start for u, start in zip(structure.units, starts, strict=False)}
+        self.total = starts[-1]
         self._origins()
         self._mixers()
         self._run(inputs)
@@ -275,18 +345,26 @@ class _Flows:
             reach[node] = node.op == "output" or any(
                 reach[u] for u in node.users if u not in producers
             )
-        self.heads = [
-            n
-            for n in a.nodes
-            if n not in producers
-            and reach[n]
-            and n.op in ("call_module", "call_function", "call_method")
-            and not (a.info.get(n) is not None and isinstance(a.rule[n], _ALIGNED_RULES))
-            and n.args
-            and isinstance(n.args[0], fx.Node)
-            and aligned[n.args[0]]
-            and a.has_channels(n.args[0])
-        ]
+        # heads: the other readers of kept units' channels that reach the output. A
+        # reader that only runs after an earlier head with the same input (a descendant
+        # of it) is measured by that head's replay already and is not a head itself.
+        self.head_input: dict[fx.Node, fx.Node] = {}
+        self.heads: list[fx.Node] = []
+        replayed: set[tuple[fx.Node, fx.Node]] = set()
+        for n in a.nodes:
+            if (
+                n in producers
+                or not reach[n]
+                or n.op not in ("call_module", "call_function", "call_method")
+                or (a.info.get(n) is not None and isinstance(a.rule[n], _ALIGNED_RULES))
+            ):
+                continue
+            x = next((i for i in n.all_input_nodes if aligned[i] and a.has_channels(i)), None)
+            if x is None or (n, x) in replayed:
+                continue
+            self.heads.append(n)
+            self.head_input[n] = x
+            replayed |= {(d, x) for d in _descendants(n)}
 
     def _mixers(self) -> None:
         """Direct paths from a non-unit linear layer to unit layers that read it mixed.
@@ -307,7 +385,7 @@ class _Flows:
         for head in self.heads:
             if not isinstance(a.rule.get(head), (ConvRule, LinearRule)):
                 continue
-            upstream = self.aligned[head.args[0]]  # type: ignore[index]
+            upstream = self.aligned[self.head_input[head]]
             inside = {head}
             order = [head]
             targets = []
@@ -337,7 +415,8 @@ class _Flows:
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> None:
         a = self.a
         self.site_mag: dict[str, torch.Tensor] = {}
-        self.flow: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+        # unit -> (kept j, live input channels c, flow F[j, c], s_j * sum_k |W_{j,c,k}|)
+        self.flow: dict[str, tuple[torch.Tensor, ...]] = {}
         self.head_inputs: dict[fx.Node, torch.Tensor] = {}
         tails = {h: _descendants(h) for h in self.heads}
         external = {
@@ -361,7 +440,7 @@ class _Flows:
                 if n in producer_unit:
                     flows._measure(producer_unit[n], n, self.env[n.args[0]])  # type: ignore[index]
                 if n in tails:
-                    flows.head_inputs[n] = self.env[n.args[0]]  # type: ignore[index]
+                    flows.head_inputs[n] = self.env[flows.head_input[n]]
                 out = super().run_node(n)
                 if n in unit_of_site:
                     info = a.info[n]
@@ -420,18 +499,16 @@ class _Flows:
         if not len(live):
             return
         module = self.a.module(node)
-        flow = torch.zeros(len(kept), len(live))
         with torch.no_grad():
             if isinstance(rule, LinearRule):
                 w = module.weight.detach()[kept].view(len(kept), info.size, info.width)
-                xs = x.reshape(-1, info.size, info.width).float()
-                for k, c in enumerate(live.tolist()):
-                    contrib = xs[:, c, :] @ w[:, c, :].float().T  # [M, kept]
-                    flow[:, k] = contrib.abs().mean(0).cpu()
+                flow = _linear_flows(w, x.reshape(-1, info.size, info.width), live)
+                weight_sum = w[:, live].abs().sum(-1).float().cpu()
             else:
                 flow = _conv_flows(module, x, kept, live)
+                weight_sum = _conv_weight_sums(module, kept, live)
         scale = self.scores[unit][kept].view(-1, 1)
-        self.flow[unit] = (kept, live, flow * scale)
+        self.flow[unit] = (kept, live, flow * scale, weight_sum * scale)
 
     def targets(self, target: int | Sequence[int] | None) -> list[int]:
         """The classes whose logits end the chains."""
@@ -449,10 +526,10 @@ class _Flows:
         mean |change| when that group of the head's input is zeroed; and the channel count."""
         out = []
         for head, tail in self.tails.items():
-            x_node = head.args[0]
-            info = self.a.info[x_node]  # type: ignore[index]
+            x_node = self.head_input[head]
+            info = self.a.info[x_node]
             assert info is not None
-            upstream = self.aligned[x_node]  # type: ignore[index]
+            upstream = self.aligned[x_node]
             width = self._group(upstream, info.size)
             live = self._live(upstream, info.size).view(-1, width).any(1)
             groups = torch.nonzero(live).flatten()
@@ -482,7 +559,7 @@ class _Flows:
         interp = self.recorder
         saved = interp.env
         interp.env = dict(self.external)
-        interp.env[head.args[0]] = x  # type: ignore[index]
+        interp.env[self.head_input[head]] = x
         out: dict[tuple[str, int], float] = {}
         try:
             with torch.no_grad():
@@ -505,7 +582,7 @@ class _Flows:
         interp = self.recorder
         saved = interp.env
         interp.env = dict(self.external)
-        interp.env[head.args[0]] = x  # type: ignore[index]
+        interp.env[self.head_input[head]] = x
         try:
             with torch.no_grad():
                 for n in tail:
@@ -516,38 +593,82 @@ class _Flows:
             interp.env = saved
         raise RuntimeError("the head does not reach the output")
 
-    def _share(self, upstream: frozenset[str], c: int, size: int) -> dict[str, float]:
-        """``rho_A(c)`` of every unit layer ``A`` that writes channel ``c`` (kept unit)."""
-        writers = {}
+    def _shares(self, upstream: frozenset[str], size: int) -> dict[str, torch.Tensor]:
+        """``rho_A(c)`` for every channel ``c`` of a ``size``-channel tensor, per unit layer
+        ``A`` of ``upstream`` that writes it (0 where ``A``'s unit is not kept)."""
+        writers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         for u in upstream:
             s = self._channel_scores(u, size)
-            if s is not None and s[c] > 0:
-                writers[u] = float(self.site_mag[u][c // self.width[u]])
-        total = sum(writers.values())
-        if total <= 0:
-            return {u: 1.0 / len(writers) for u in writers}
-        return {u: m / total for u, m in writers.items()}
+            if s is None:
+                continue
+            mag = self.site_mag[u].double()
+            if self.width[u] > 1:
+                mag = mag.repeat_interleave(self.width[u])
+            kept = s > 0
+            writers[u] = (torch.where(kept, mag, 0.0), kept)
+        if not writers:
+            return {}
+        total = torch.stack([m for m, _ in writers.values()]).sum(0)
+        count = torch.stack([k.double() for _, k in writers.values()]).sum(0)
+        return {
+            u: torch.where(total > 0, m / total.clamp_min(1e-300), k / count.clamp_min(1.0)) * k
+            for u, (m, k) in writers.items()
+        }
 
-    def edges(self, classes: list[int]) -> list[tuple[tuple[str, int], tuple[str, int], float]]:
-        """All ``((A, a), (B, j), weight)`` edges, ``B == "logits"`` for logit edges; a
-        pair may repeat (its weights add up)."""
-        out = []
-        for unit, (kept, live, flow) in self.flow.items():
-            node = self.producer[unit]
-            upstream = self.aligned[node.args[0]]  # type: ignore[index]
-            size = self.a.info[node.args[0]].size  # type: ignore[index, union-attr]
-            for k, c in enumerate(live.tolist()):
-                for writer, share in self._share(upstream, c, size).items():
-                    a = c // self.width[writer]
-                    for m, j in enumerate(kept.tolist()):
-                        out.append(((writer, a), (unit, j), float(flow[m, k]) * share))
+    def edge_arrays(self, classes: list[int]) -> tuple[torch.Tensor, ...]:
+        """All edges as ``(source id, target id, weight, weight_sum)``; a pair may repeat
+        (its values add up). A unit ``i`` of layer ``A`` has id ``offset[A] + i``; logit
+        ``t`` has id ``total + t``."""
+        srcs: list[torch.Tensor] = []
+        dsts: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+        sums: list[torch.Tensor] = []
+
+        def add(
+            upstream: frozenset[str],
+            size: int,
+            channels: torch.Tensor,
+            targets: torch.Tensor,
+            values: torch.Tensor,
+            weight_sums: torch.Tensor | None = None,
+        ) -> None:
+            # values[r, k]: flow from input channel channels[k] into target r, before rho
+            for writer, share in self._shares(upstream, size).items():
+                rho = share[channels]
+                cols = rho > 0
+                if not bool(cols.any()):
+                    continue
+                ids = self.offset[writer] + channels[cols] // self.width[writer]
+                w = values[:, cols].double() * rho[cols]
+                srcs.append(ids.expand(len(targets), -1).reshape(-1))
+                dsts.append(targets[:, None].expand(-1, len(ids)).reshape(-1))
+                weights.append(w.reshape(-1))
+                if weight_sums is None:
+                    sums.append(torch.zeros(w.numel(), dtype=torch.float64))
+                else:
+                    s_a = self._channel_scores(writer, size)
+                    assert s_a is not None
+                    sums.append((weight_sums[:, cols].double() * s_a[channels[cols]]).reshape(-1))
+
+        for unit, (kept, live, flow, weight_sum) in self.flow.items():
+            x = self.producer[unit].args[0]
+            assert isinstance(x, fx.Node)  # a unit layer reads one tensor
+            info = self.a.info[x]
+            assert info is not None
+            upstream = self.aligned[x]
+            add(upstream, info.size, live, self.offset[unit] + kept, flow, weight_sum)
         for upstream, firsts, deltas, size in self._head_flows(classes):
-            for k, c in enumerate(firsts.tolist()):
-                for writer, share in self._share(upstream, c, size).items():
-                    a = c // self.width[writer]
-                    for end, d in deltas.items():
-                        out.append(((writer, a), end, float(d[k]) * share))
-        return out
+            ends = list(deltas)
+            targets = torch.tensor(
+                [self.total + j if b == "logits" else self.offset[b] + j for b, j in ends],
+                dtype=torch.long,
+            )
+            add(upstream, size, firsts, targets, torch.stack([deltas[e] for e in ends]))
+        if not weights:
+            empty = torch.zeros(0, dtype=torch.long)
+            nothing = torch.zeros(0, dtype=torch.float64)
+            return empty, empty, nothing, nothing
+        return torch.cat(srcs), torch.cat(dsts), torch.cat(weights), torch.cat(sums)
 
 
 def _descendants(node: fx.Node) -> list[fx.Node]:
@@ -566,95 +687,207 @@ def _unit_mean_abs(t: torch.Tensor, dim: int, width: int = 1) -> torch.Tensor:
     return flat.view(-1, width).mean(1).cpu()
 
 
+#: Largest number of elements of one intermediate tensor of :func:`_conv_flows` and
+#: :func:`_linear_flows` (input channels are processed in chunks below it).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+def _linear_flows(w: torch.Tensor, x: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``F[j, c] = mean_m |sum_i W[j, c, i] X[m, c, i]|`` of a linear layer.
+
+    ``w`` is ``[kept, channels, width]`` (the kept rows, each input channel's
+    ``width`` consecutive features), ``x`` is ``[M, channels, width]``.
+    """
+    flow = torch.zeros(len(w), len(live))
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * len(w)))
+    for a in range(0, len(live), step):
+        cols = live[a : a + step]
+        contrib = torch.einsum("mci,jci->mcj", x[:, cols].float(), w[:, cols].float())
+        flow[:, a : a + step] = contrib.abs().mean(0).T.cpu()
+    return flow
+
+
+def _conv_weight_sums(module: Any, kept: torch.Tensor, live: torch.Tensor) -> torch.Tensor:
+    """``sum_k |W_{j,c,k}|`` of a (grouped) convolution for kept ``j``, live ``c`` (0 across
+    groups)."""
+    g = module.groups
+    in_pg, out_pg = module.in_channels // g, module.out_channels // g
+    w = module.weight.detach()[kept].abs().float().flatten(2).sum(-1).cpu()  # [kept, in_pg]
+    same = (kept // out_pg)[:, None] == (live // in_pg)[None, :]
+    return w[:, live % in_pg] * same
+
+
 def _conv_flows(
     module: Any, x: torch.Tensor, kept: torch.Tensor, live: torch.Tensor
 ) -> torch.Tensor:
-    """``F[j, c] = mean |W_{j,c} * X_c|`` of a (grouped) convolution, input by input."""
+    """``F[j, c] = mean |W_{j,c} * X_c|`` of a (grouped) convolution.
+
+    Every live input channel ``c`` is convolved with the kept filters of its group at
+    once: one depthwise-style convolution per chunk of channels, the filter rows of each
+    channel padded with zeros to the largest group.
+    """
     g = module.groups
     in_pg, out_pg = module.in_channels // g, module.out_channels // g
-    flow = torch.zeros(len(kept), len(live))
     weight = module.weight.detach()
+    flow = torch.zeros(len(kept), len(live))
+    group_of_row = kept // out_pg
+    group_of_col = live // in_pg
     padding = module.padding
     no_pad = padding in ("same", "valid") or all(p == 0 for p in padding)
     pointwise = no_pad and all(k == 1 for k in module.kernel_size)
-    pointwise = pointwise and all(s == 1 for s in module.stride)
-    for k, c in enumerate(live.tolist()):
-        group = c // in_pg
-        rows = [m for m, j in enumerate(kept.tolist()) if j // out_pg == group]
-        if not rows:
-            continue
-        w = weight[kept[rows], c % in_pg]  # [rows, *kernel]
-        xc = x.narrow(1, c, 1)
-        if pointwise:
-            mean_abs = xc.abs().float().mean()
-            flow[rows, k] = (w.reshape(len(rows)).abs().float() * mean_abs).cpu()
-            continue
-        probe = shallow_clone(module)
-        probe.weight = torch.nn.Parameter(w.unsqueeze(1), requires_grad=False)
-        probe.bias = None
-        probe.in_channels, probe.out_channels, probe.groups = 1, len(rows), 1
-        flow[rows, k] = probe(xc).abs().float().mean((0, *range(2, xc.ndim))).cpu()
+    if pointwise and all(s == 1 for s in module.stride):
+        dims = (0, *range(2, x.ndim))
+        mean_abs = x[:, live].abs().float().mean(dims).cpu()
+        w = weight[kept].reshape(len(kept), in_pg).abs().float().cpu()[:, live % in_pg]
+        same = group_of_row[:, None] == group_of_col[None, :]
+        return w * mean_abs[None, :] * same
+    rows_of = [torch.nonzero(group_of_row == grp).flatten() for grp in range(g)]
+    width = max(len(r) for r in rows_of)
+    if width == 0:
+        return flow
+    spatial = math.prod(x.shape[2:])
+    step = max(1, _CHUNK_ELEMENTS // max(1, x.shape[0] * width * spatial))
+    probe = shallow_clone(module)
+    probe.bias = None
+    for a in range(0, len(live), step):
+        cols = live[a : a + step]
+        filters = weight.new_zeros(len(cols), width, *weight.shape[2:])
+        for k, c in enumerate(cols.tolist()):
+            rows = rows_of[c // in_pg]
+            filters[k, : len(rows)] = weight[kept[rows], c % in_pg]
+        probe.weight = torch.nn.Parameter(filters.reshape(-1, 1, *weight.shape[2:]), False)
+        probe.in_channels, probe.out_channels = len(cols), len(cols) * width
+        probe.groups = len(cols)
+        out = probe(x[:, cols]).abs().float()
+        means = out.mean((0, *range(2, out.ndim))).view(len(cols), width).cpu()
+        for k, c in enumerate(cols.tolist()):
+            rows = rows_of[c // in_pg]
+            flow[rows, a + k] = means[k, : len(rows)]
     return flow
 
 
 # --------------------------------------------------------------------------- paths
-def strongest_paths(graph: Any, k: int = 5, *, with_strength: bool = False) -> list[str]:
+STRENGTHS = ("fraction", "layer")
+
+
+def strongest_paths(
+    graph: Any, k: int = 5, *, with_strength: bool = False, strength: str = "fraction"
+) -> list[str]:
     """The ``k`` strongest input-to-output chains, as ``"a → b → c"`` strings.
 
-    A path runs from a filter of a layer that reads the model's input (or, if none is
-    kept, from any node without predecessors) to a logit node (without logit nodes: to
-    a node without successors). Its strength is the product of the edge ``fraction``
-    attributes along it: the share of the end node's incoming flow that the path
-    carries, when every node's incoming fractions sum to one.
+    See :func:`strongest_path_list` for which paths count and how they are ranked.
     """
     return [
         " → ".join(graph.nodes[n].get("label", str(n)) for n in path)
-        + (f"  ({strength:.3g})" if with_strength else "")
-        for path, strength in strongest_path_list(graph, k)
+        + (f"  ({value:.3g})" if with_strength else "")
+        for path, value in strongest_path_list(graph, k, strength=strength)
     ]
 
 
-def strongest_path_list(graph: Any, k: int = 5) -> list[tuple[list[str], float]]:
-    """The ``k`` strongest paths as (node list, strength), strongest first."""
+def strongest_path_list(
+    graph: Any, k: int = 5, *, strength: str = "fraction"
+) -> list[tuple[list[str], float]]:
+    """The ``k`` strongest paths as (node list, strength), strongest first.
+
+    A path runs from a node of a layer that reads the model's input (node attribute
+    ``input_layer``; if no path starts there, from any node without predecessors) to a
+    logit node (without logit nodes: to a node without successors). Its strength is the
+    product of its edges' strengths, found exactly by dynamic programming over the DAG.
+
+    Parameters
+    ----------
+    graph : networkx.DiGraph
+        A chain graph (:func:`chain_graph`) or any DAG with those attributes.
+    k : int
+        Number of paths.
+    strength : {"fraction", "layer"}
+        Edge strength: ``"fraction"`` (default), the edge attribute ``fraction`` (else
+        ``weight``): the share of the end node's incoming flow that the path carries;
+        ``"layer"``, the edge's ``weight`` divided by the largest ``weight`` between the
+        same two layers (node attribute ``layer``).
+
+    Returns
+    -------
+    list of (list of str, float)
+    """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
+    if strength not in STRENGTHS:
+        raise ValueError(f"strength must be one of {STRENGTHS}, got {strength!r}")
     if graph.number_of_nodes() == 0:
         return []
     logits = [n for n, d in graph.nodes(data=True) if d.get("kind") == "logit"]
     sinks = set(logits) if logits else {n for n in graph if graph.out_degree(n) == 0}
     roots = [n for n in graph if graph.in_degree(n) == 0]
     inputs = [n for n in roots if graph.nodes[n].get("input_layer")]
-    found = _k_best(graph, set(inputs), sinks, k) if inputs else []
+    found = _k_best(graph, set(inputs), sinks, k, strength) if inputs else []
     if not found:  # no kept chain starts at the input: start anywhere
-        found = _k_best(graph, set(roots), sinks, k)
+        found = _k_best(graph, set(roots), sinks, k, strength)
     out: list[tuple[list[str], float]] = []
-    for strength, link in found:
+    for value, link in found:
         path = []
         while link is not None:
             path.append(link[0])
             link = link[1]
-        out.append((path[::-1], strength))
+        out.append((path[::-1], value))
     return out
 
 
-def _k_best(graph: Any, sources: set, sinks: set, k: int) -> list[tuple[float, tuple]]:
-    """k largest products of edge fractions from ``sources`` to ``sinks`` (DP over a DAG)."""
+def _layer_maxima(graph: Any) -> dict[tuple[Any, Any], float]:
+    """The largest edge ``weight`` between every pair of layers (node attribute ``layer``)."""
+    layer = {n: d.get("layer") for n, d in graph.nodes(data=True)}
+    largest: dict[tuple[Any, Any], float] = {}
+    for u, v, d in graph.edges(data=True):
+        key = (layer[u], layer[v])
+        largest[key] = max(largest.get(key, 0.0), float(d.get("weight", 1.0)))
+    return largest
+
+
+def _k_best(
+    graph: Any, sources: set, sinks: set, k: int, strength: str
+) -> list[tuple[float, tuple]]:
+    """k largest products of edge strengths from ``sources`` to ``sinks`` (DP over a DAG).
+
+    A node keeps its k best partial paths. Only the predecessors whose best partial path
+    ranks among the node's k best first candidates can contribute (a predecessor's other
+    paths are weaker than its best), so each edge is read once and only k predecessors
+    are expanded per node.
+    """
     import networkx as nx
 
+    largest = _layer_maxima(graph) if strength == "layer" else None
+    layer = graph.nodes.data("layer")
+    first = operator.itemgetter(0)
     best: dict[Any, list[tuple[float, tuple]]] = {}
+    top: dict[Any, float] = {}  # strength of each node's best partial path
     for v in nx.topological_sort(graph):
-        preds = list(graph.predecessors(v))
+        preds = graph._pred[v]  # the raw dict: read once per edge, millions of times
         if not preds:
-            best[v] = [(1.0, (v, None))] if v in sources else []
+            if v in sources:
+                best[v], top[v] = [(1.0, (v, None))], 1.0
             continue
-        cands = []
-        for u in preds:
-            f = float(graph.edges[u, v].get("fraction", graph.edges[u, v].get("weight", 1.0)))
-            for s, link in best.get(u, []):
-                cands.append((s * f, (v, link)))
-        best[v] = heapq.nlargest(k, cands, key=lambda e: e[0])
+        heads = []
+        if largest is None:
+            for u, d in preds.items():
+                if u in top:
+                    f = d.get("fraction")
+                    f = float(d.get("weight", 1.0) if f is None else f)
+                    heads.append((top[u] * f, f, u))
+        else:
+            for u, d in preds.items():
+                if u in top:
+                    f = float(d.get("weight", 1.0)) / max(largest[layer[u], layer[v]], 1e-30)
+                    heads.append((top[u] * f, f, u))
+        if heads:
+            cands = [
+                (s * f, (v, link))
+                for _, f, u in heapq.nlargest(k, heads, key=first)
+                for s, link in best[u]
+            ]
+            best[v] = heapq.nlargest(k, cands, key=first)
+            top[v] = best[v][0][0]
     found = [entry for v in sinks if graph.in_degree(v) > 0 for entry in best.get(v, [])]
-    return heapq.nlargest(k, found, key=lambda e: e[0])
+    return heapq.nlargest(k, found, key=first)
 
 
 # --------------------------------------------------------------------------- files
@@ -701,6 +934,7 @@ def _dot_id(name: Any) -> str:
 
 __all__ = [
     "FORMULA",
+    "STRENGTHS",
     "chain_graph",
     "strongest_path_list",
     "strongest_paths",

@@ -20,7 +20,7 @@ import copy
 import operator
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import fx, nn
@@ -171,10 +171,18 @@ def trace(model: nn.Module) -> tuple[fx.GraphModule, _Tracer]:
 
 
 # --------------------------------------------------------------------------- masks
+class ModuleCalls(Protocol):
+    """Where each module's calls start and end in a graph: :func:`trace`'s tracer or
+    :func:`captum_chains.export.recording.record`'s recording."""
+
+    calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]]
+    leaves: dict[str, nn.Module]
+
+
 class _Sites:
     """Finds the tensors at module boundaries of a traced graph while it is rewired."""
 
-    def __init__(self, gm: fx.GraphModule, tracer: _Tracer) -> None:
+    def __init__(self, gm: fx.GraphModule, tracer: ModuleCalls) -> None:
         self.gm = gm
         self.tracer = tracer
         self.alias: dict[fx.Node, fx.Node] = {}
@@ -268,7 +276,7 @@ def _insert_scale(
 
 def apply_subnetwork(
     gm: fx.GraphModule,
-    tracer: _Tracer,
+    tracer: ModuleCalls,
     units: tuple[UnitLayer, ...],
     scores: dict[str, torch.Tensor],
     closed: list[GateSpec],

@@ -10,8 +10,10 @@ plot_feature_maps, smoe_layer_maps, smoe_saliency, smoe_scale
 plot_filters, activation_maximization, top_activating_crops
     Pictures of kept filters (Erhan et al. 2009 with Fourier/decorrelated regularisation)
     and the input patches that excite them most.
-plot_chain, weight_graph, strongest_node_paths
-    The filter -> filter graph of the chain, strongest paths highlighted.
+plot_chain, chain_graph_for
+    The filter -> filter graph of the chain (:func:`captum_chains.chains.chain_graph`),
+    strongest paths highlighted (``weight_graph`` and ``strongest_node_paths`` are
+    deprecated aliases).
 compare, compare_attributions
     Captum's IntegratedGradients / LayerGradCam / Saliency on the model and on the
     sub-network, beside NeuroChains' own map, with rank correlations.

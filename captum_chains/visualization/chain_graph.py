@@ -1,34 +1,16 @@
-"""The chain as a filter -> filter graph, drawn layer by layer (Fig. 4 of NeuroChains).
+"""The chain's filter -> filter graph drawn layer by layer (Fig. 4 of NeuroChains).
 
-The graph comes from :func:`captum_chains.chains.chain_graph` (the sub-network's
-dataflow on the region, the graph behind :meth:`Chain.graph` and :meth:`Chain.paths`)
-when that module is available and inputs are known. Otherwise (``source="weights"``, or
-no inputs) it is built here from the kept filters and the weights: filter ``i`` of
-layer ``A`` feeds filter ``j`` of the next layer ``B`` that reads ``A``'s channels, with
-strength
-
-.. math::
-
-    w_{i \\to j} = s_i \\, s_j \\, \\sum_{k} |W^B_{j,i,k}| \\; [\\, \\bar a_i \\,],
-
-where ``s`` are the chain's scores, ``W^B`` the convolution (or linear) weights of ``B``
-(a depthwise filter reads only its own channel) and ``\\bar a_i`` the mean ReLU
-activation of ``i`` on the region when inputs are given. ``A`` is the closest earlier
-unit layer, not removed by a closed gate, whose width equals ``B``'s input channels
-(exact for plain and inverted residual stacks, where a removed layer or block is the
-identity; an approximation where a residual sum mixes several layers).
-
-With the chains module the highlighted paths are its strongest input-to-logit paths.
-For the weight graph they are the maximum-product paths from the first drawn layer to
-the last, with edge weights normalised by the largest weight between the same two
-layers (dynamic programming over layers), found on all kept filters of the drawn
-layers. Either way the figure shows the path filters plus the highest-scoring others.
+The graph is :func:`captum_chains.chains.chain_graph`, the sub-network's dataflow on
+the region; the highlighted paths are :func:`captum_chains.chains.strongest_path_list`.
+With ``source="weights"`` the same graph is read through its ``weight_sum`` edge
+attribute (scores times summed weights, no activations), as the earlier weights-only
+figure did. Exports :func:`plot_chain` and :func:`chain_graph_for`;
+:func:`weight_graph` and :func:`strongest_node_paths` are deprecated aliases.
 """
 
 from __future__ import annotations
 
-import importlib
-import math
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,17 +20,16 @@ from matplotlib import colormaps
 from matplotlib.collections import LineCollection
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
-from torch import nn
 
 from captum_chains.visualization._common import (
     chain_kept,
     chain_scores,
     new_figure,
-    removed_layers,
     resolve,
     short_name,
-    site_maps,
 )
+
+SOURCES = ("auto", "chains", "weights")
 
 
 def _kept_units(sub: Any) -> list[Any]:
@@ -56,130 +37,35 @@ def _kept_units(sub: Any) -> list[Any]:
     return [u for u in sub.structure.units if bool(kept[u.name].any())]
 
 
-def _input_layer(structure: Any, position: int, in_channels: int, removed: set[str]) -> Any | None:
-    """The closest earlier unit layer of ``in_channels`` filters that still runs.
+def _example_inputs(sub: Any) -> torch.Tensor:
+    """Two seeded random inputs of the structure's recorded input shape (as the export)."""
+    shape = sub.structure.input_shape
+    if not shape:
+        raise ValueError(
+            "the chain graph needs inputs: pass inputs=... (the SubNetwork's structure does "
+            "not record an input shape to draw random ones from)"
+        )
+    device = next((p.device for p in sub.model.parameters()), torch.device("cpu"))
+    gen = torch.Generator().manual_seed(0)
+    return torch.randn(2, *shape, generator=gen).to(device)
 
-    A layer or block removed by a closed gate is the identity, so its input passes through
-    to the next layer: removed layers are skipped.
-    """
-    for u in reversed(structure.units[:position]):
-        if u.size == in_channels and u.name not in removed:
-            return u
-    return None
 
+def _weights_view(graph: Any) -> Any:
+    """The unit -> unit edges of a chain graph with ``weight`` set to their ``weight_sum``.
 
-def weight_graph(
-    chain: Any,
-    inputs: torch.Tensor | None = None,
-    *,
-    layers: Sequence[str] | None = None,
-    max_filters: int | None = None,
-) -> Any:
-    """Filter -> filter graph of the chain from kept filters and weights (networkx ``DiGraph``).
-
-    Parameters
-    ----------
-    chain : Chain or SubNetwork
-        The chain.
-    inputs : Tensor, optional
-        With inputs, edges are also weighted by the source filter's mean ReLU activation
-        on them (default the chain's region; pass ``False``-like ``inputs=None`` on a bare
-        SubNetwork for weights only).
-    layers : sequence of str, optional
-        Restrict to these unit layers.
-    max_filters : int, optional
-        Keep only the ``max_filters`` highest-scoring kept filters of each layer.
-
-    Returns
-    -------
-    networkx.DiGraph
-        Nodes ``"layer.index"`` with attributes ``layer``, ``index``, ``score``, ``depth``
-        (position of the layer in execution order); edges with ``weight``.
+    ``weight_sum(A.i -> B.j) = s_i s_j sum_k |W^B_{j,i,k}|`` (scores and weights only); logit
+    nodes and edges without one (through a mixing layer) are left out.
     """
     import networkx as nx
 
-    sub, x = resolve(chain, inputs)
-    structure = sub.structure
-    importance = chain_scores(sub)
-    order = {u.name: i for i, u in enumerate(structure.units)}
-    wanted = set(layers) if layers is not None else None
-    chosen: dict[str, list[int]] = {}
-    for u in structure.units:
-        if wanted is not None and u.name not in wanted:
-            continue
-        s = importance[u.name]
-        idx = torch.nonzero(s > 0).flatten()
-        if max_filters is not None and idx.numel() > max_filters:
-            idx = idx[torch.argsort(s[idx], descending=True, stable=True)[:max_filters]]
-        if idx.numel():
-            chosen[u.name] = sorted(int(i) for i in idx)
-    mean_act: dict[str, torch.Tensor] = {}
-    if x is not None and chosen:
-        units = [structure.unit(n) for n in chosen]
-        maps = site_maps(sub, x, units, "subnetwork")
-        for n, m in maps.items():
-            dims = [
-                d
-                for d in range(m.ndim)
-                if d != (1 if structure.unit(n).channel_dim == 1 else m.ndim - 1)
-            ]
-            mean_act[n] = m.float().clamp_min(0).mean(dim=dims).cpu()
-    graph = nx.DiGraph()
-    for name, ids in chosen.items():
-        for i in ids:
-            graph.add_node(
-                f"{name}.{i}",
-                layer=name,
-                index=i,
-                score=float(importance[name][i]),
-                depth=order[name],
-            )
-    modules = dict(sub.model.named_modules())
-    removed = set(removed_layers(sub))
-    for pos, unit in enumerate(structure.units):
-        if unit.name not in chosen or unit.unit_width != 1:
-            continue
-        module = modules.get(unit.name)
-        if not isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            continue
-        weight = module.weight
-        groups = int(getattr(module, "groups", 1))
-        in_ch = weight.shape[1] * groups
-        source = _input_layer(structure, pos, in_ch, removed)
-        if source is None or source.name not in chosen:
-            continue
-        w = weight.detach().abs().reshape(weight.shape[0], weight.shape[1], -1).sum(-1).cpu()
-        s_a, s_b = importance[source.name], importance[unit.name]
-        act = mean_act.get(source.name)
-        source_set = set(chosen[source.name])
-        for j in chosen[unit.name]:
-            if groups == 1:
-                sources = chosen[source.name]
-                strengths = [float(w[j, i]) for i in sources]
-            elif groups == in_ch and weight.shape[1] == 1:
-                c = j * in_ch // weight.shape[0]
-                sources = [c] if c in source_set else []
-                strengths = [float(w[j, 0])] * len(sources)
-            else:
-                per = weight.shape[1]
-                g = j // (weight.shape[0] // groups)
-                sources = [i for i in chosen[source.name] if g * per <= i < (g + 1) * per]
-                strengths = [float(w[j, i - g * per]) for i in sources]
-            for i, st in zip(sources, strengths):
-                value = float(s_a[i]) * float(s_b[j]) * st
-                if act is not None:
-                    value *= float(act[i])
-                if value > 0:
-                    graph.add_edge(f"{source.name}.{i}", f"{unit.name}.{j}", weight=value)
-    return graph
-
-
-def _chains_module() -> Any | None:
-    try:
-        chains = importlib.import_module("captum_chains.chains")
-    except ImportError:
-        return None
-    return chains if hasattr(chains, "chain_graph") else None
+    view = nx.DiGraph(**graph.graph)
+    view.add_nodes_from((n, d) for n, d in graph.nodes(data=True) if d.get("kind") != "logit")
+    view.add_edges_from(
+        (u, v, {"weight": d["weight_sum"], "flow": d["weight"]})
+        for u, v, d in graph.edges(data=True)
+        if d.get("weight_sum", 0.0) > 0 and u in view and v in view
+    )
+    return view
 
 
 def chain_graph_for(
@@ -204,31 +90,36 @@ def chain_graph_for(
     max_filters : int, optional
         Keep the highest-scoring ``max_filters`` nodes of each layer.
     source : {"auto", "chains", "weights"}
-        ``"chains"``: :func:`captum_chains.chains.chain_graph` (the sub-network's dataflow
-        on the inputs; needs inputs); ``"weights"``: :func:`weight_graph`; ``"auto"``: the
-        former when that module and inputs are available.
+        ``"chains"``: :func:`captum_chains.chains.chain_graph` (needs inputs);
+        ``"weights"``: the same graph on the inputs (two seeded random inputs of the
+        structure's input shape when none are known) with ``weight`` set to each edge's
+        ``weight_sum`` and no logit nodes; ``"auto"``: ``"chains"`` when inputs are
+        known, else ``"weights"``.
+    keep_logits : bool
+        Keep the logit nodes when restricting to ``layers``.
 
     Returns
     -------
     networkx.DiGraph
         Nodes with ``layer``, ``index``, ``score`` and ``depth`` attributes (parsed from
         ``"layer.index"`` names if a graph lacks them); edges with ``weight``. The
-        graph attribute ``source`` says where it came from.
+        graph attribute ``source`` says which reading it is.
     """
-    if source not in ("auto", "chains", "weights"):
+    # imported when called: the chain graph needs the export's channel analysis
+    from captum_chains.chains import chain_graph
+
+    if source not in SOURCES:
         raise ValueError(f"source must be 'auto', 'chains' or 'weights', got {source!r}")
     sub, x = resolve(chain, inputs)
-    chains = _chains_module() if source != "weights" else None
-    if source == "chains" and (chains is None or x is None):
-        raise ValueError(
-            "source='chains' needs the captum_chains.chains module and inputs (the region)"
-        )
-    if chains is None or x is None:
-        graph = weight_graph(chain, inputs, layers=layers, max_filters=max_filters)
+    if source == "chains" and x is None:
+        raise ValueError("source='chains' needs inputs (the region): pass inputs=...")
+    if source == "weights" or x is None:
+        region = _example_inputs(sub) if x is None else x
+        graph = _weights_view(chain_graph(sub, region, edges="all"))
         graph.graph["source"] = "weights"
-        return graph
-    graph = chains.chain_graph(chain, x)
-    graph.graph["source"] = "chains"
+    else:
+        graph = chain_graph(chain, x)
+        graph.graph["source"] = "chains"
     order = {u.name: i for i, u in enumerate(sub.structure.units)}
     importance = chain_scores(sub)
     for node, data in graph.nodes(data=True):
@@ -259,50 +150,42 @@ def chain_graph_for(
     return sub_graph
 
 
-def strongest_node_paths(graph: Any, k: int = 5) -> list[tuple[list[str], float]]:
-    """The ``k`` strongest paths from the graph's first layer to its deepest layer.
+def weight_graph(
+    chain: Any,
+    inputs: torch.Tensor | None = None,
+    *,
+    layers: Sequence[str] | None = None,
+    max_filters: int | None = None,
+) -> Any:
+    """Deprecated: ``chain_graph_for(chain, inputs, source="weights", ...)``.
 
-    A path's strength is the product of its edge weights, each divided by the largest
-    weight between the same pair of layers; one path per end node, found by dynamic
-    programming in depth order. When no end node is reachable from the first layer,
-    paths may start anywhere.
+    The chain graph read through its ``weight_sum`` edges: ``weight`` of ``A.i -> B.j``
+    is ``s_i s_j sum_k |W^B_{j,i,k}|``; no logit nodes.
     """
-    if graph.number_of_nodes() == 0 or k < 1:
-        return []
-    depth = {n: graph.nodes[n].get("depth", 0) for n in graph.nodes}
-    pair_max: dict[tuple[Any, Any], float] = {}
-    for u, v, d in graph.edges(data=True):
-        key = (graph.nodes[u].get("layer"), graph.nodes[v].get("layer"))
-        pair_max[key] = max(pair_max.get(key, 0.0), float(d.get("weight", 1.0)))
-    nodes = sorted(graph.nodes, key=lambda n: (depth[n], str(n)))
-    first, last = depth[nodes[0]], max(depth.values())
-    ends = [n for n in nodes if depth[n] == last]
-    for anywhere in (False, True):
-        best: dict[Any, float] = {}
-        back: dict[Any, Any] = {}
-        for v in nodes:
-            options = []
-            for u in graph.predecessors(v):
-                if u not in best:
-                    continue
-                key = (graph.nodes[u].get("layer"), graph.nodes[v].get("layer"))
-                w = float(graph.edges[u, v].get("weight", 1.0)) / max(pair_max[key], 1e-30)
-                options.append((best[u] + math.log(max(w, 1e-30)), u))
-            if options:
-                best[v], back[v] = max(options, key=lambda t: t[0])
-            elif depth[v] == first or (anywhere and graph.in_degree(v) == 0):
-                best[v] = 0.0
-        reached = sorted((n for n in ends if n in back), key=lambda n: -best[n])
-        if reached:
-            break
-    paths = []
-    for end in reached[:k]:
-        path, node = [end], end
-        while node in back:
-            node = back[node]
-            path.append(node)
-        paths.append((path[::-1], float(math.exp(best[end]))))
-    return paths
+    warnings.warn(
+        "weight_graph is deprecated; use chain_graph_for(chain, source='weights') or the "
+        "'weight_sum' edge attribute of captum_chains.chains.chain_graph",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return chain_graph_for(chain, inputs, layers=layers, max_filters=max_filters, source="weights")
+
+
+def strongest_node_paths(graph: Any, k: int = 5) -> list[tuple[list[str], float]]:
+    """Deprecated: ``captum_chains.chains.strongest_path_list(graph, k, strength="layer")``.
+
+    Paths ranked by the product of their edge weights, each divided by the largest weight
+    between the same two layers.
+    """
+    from captum_chains.chains import strongest_path_list
+
+    warnings.warn(
+        "strongest_node_paths is deprecated; use "
+        "captum_chains.chains.strongest_path_list(graph, k, strength='layer')",
+        DeprecationWarning,
+        stacklevel=2,
+    )
+    return strongest_path_list(graph, k, strength="layer") if k >= 1 else []
 
 
 def plot_chain(
@@ -325,7 +208,7 @@ def plot_chain(
     chain : Chain or SubNetwork
         The chain.
     inputs : Tensor, optional
-        Inputs for activation-weighted edges (default the chain's region).
+        The region (default the chain's).
     layers : sequence of str, optional
         Layers to draw; default the deepest ``max_layers`` layers with kept filters.
     max_layers, max_filters : int
@@ -337,10 +220,11 @@ def plot_chain(
         At most this many of the strongest other edges are drawn (grey, width ~ the edge's
         ``fraction`` of its target's incoming flow when the graph has it, else ~ weight).
     source : {"auto", "chains", "weights"}
-        Where the graph comes from (see :func:`chain_graph_for`). With the chains module,
-        the red paths are :func:`captum_chains.chains.strongest_path_list` (input to
-        logit, over all layers), clipped to the drawn columns, and a column of target
-        logits (red squares) ends the figure.
+        How the graph is read (see :func:`chain_graph_for`). With ``"chains"`` the red
+        paths are :func:`captum_chains.chains.strongest_path_list` (input to logit, over
+        all layers), clipped to the drawn columns, and a column of target logits (red
+        squares) ends the figure; with ``"weights"`` they are its ``strength="layer"``
+        paths through the drawn columns.
 
     Returns
     -------
@@ -360,14 +244,15 @@ def plot_chain(
         names = list(layers)[:max_layers]
     if not names:
         raise ValueError("the chain keeps no filter; there is no graph to draw")
-    chains = _chains_module() if source != "weights" else None
-    if chains is not None and source != "weights" and resolve(chain, inputs)[1] is not None:
-        # paths are the chains module's input-to-logit paths over the whole graph
+    from captum_chains.chains import strongest_path_list
+
+    if source != "weights" and resolve(chain, inputs)[1] is not None:
+        # input-to-logit paths over the whole graph, clipped to the drawn columns
         full = chain_graph_for(chain, inputs, source="chains")
-        found = chains.strongest_path_list(full, paths) if paths > 0 else []
+        found = strongest_path_list(full, paths) if paths > 0 else []
     else:
         full = chain_graph_for(chain, inputs, layers=names, source="weights")
-        found = strongest_node_paths(full, paths)
+        found = strongest_path_list(full, paths, strength="layer") if paths > 0 else []
     logits = [n for n, d in full.nodes(data=True) if d.get("kind") == "logit"]
     columns = names + (["logits"] if logits else [])
     drawn_layers = set(columns)

@@ -1,0 +1,267 @@
+"""Record one real forward pass of a model as a ``torch.fx`` graph, without symbolic tracing.
+
+:func:`record` runs the model once on real inputs with forward (pre-)hooks on every
+module and a :class:`torch.overrides.TorchFunctionMode`, and writes what ran into an
+``fx.Graph``: leaf modules (the same leaves as :func:`captum_chains.export.tracing.trace`)
+become ``call_module`` nodes, tensor functions and methods between them
+``call_function`` / ``call_method`` nodes with the targets symbolic tracing would give
+(``operator.add`` for ``x + y``, ``"view"`` for ``x.view(...)``). Python control flow
+is resolved by the run itself, so models with data-dependent ``if`` statements record
+fine; the graph is specialised to the recorded inputs (their batch size and the branches
+they took). It has the interface of the traced graph (``calls`` and ``leaves`` of each
+module), so :func:`~captum_chains.export.tracing.apply_subnetwork` and the export's
+channel analysis run on it unchanged.
+"""
+
+from __future__ import annotations
+
+import builtins
+import operator
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+
+from captum_chains.export.tracing import ExportError, _Tracer
+
+#: Tensor dunder methods and the ``operator`` functions symbolic tracing records for
+#: them; ``True`` marks reflected forms (``2 * x`` calls ``x.__rmul__(2)``).
+_DUNDERS: dict[str, tuple[Callable[..., Any], bool]] = {
+    "__add__": (operator.add, False),
+    "__iadd__": (operator.add, False),
+    "__radd__": (operator.add, True),
+    "__sub__": (operator.sub, False),
+    "__isub__": (operator.sub, False),
+    "__rsub__": (operator.sub, True),
+    "__mul__": (operator.mul, False),
+    "__imul__": (operator.mul, False),
+    "__rmul__": (operator.mul, True),
+    "__truediv__": (operator.truediv, False),
+    "__itruediv__": (operator.truediv, False),
+    "__rtruediv__": (operator.truediv, True),
+    "__matmul__": (operator.matmul, False),
+    "__rmatmul__": (operator.matmul, True),
+    "__pow__": (operator.pow, False),
+    "__rpow__": (operator.pow, True),
+    "__neg__": (operator.neg, False),
+    "__getitem__": (operator.getitem, False),
+}
+
+
+class Recording:
+    """Where each module's calls start and end in the recorded graph.
+
+    Attributes
+    ----------
+    calls : dict
+        Module name -> list of ``(first input node, output node)`` per call (``None``
+        where that value is not one tensor), in call order.
+    leaves : dict
+        Name -> module of the modules recorded as single ``call_module`` nodes.
+    """
+
+    def __init__(self) -> None:
+        self.calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]] = {}
+        self.leaves: dict[str, nn.Module] = {}
+
+
+class _Recorder(TorchFunctionMode):
+    """Writes every tensor operation outside leaf modules into ``graph``."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
+        super().__init__()
+        self.root = root
+        self.graph = graph
+        self.env: dict[int, fx.Node] = {}
+        self.alive: list[Any] = []  # recorded tensors stay alive: ids are never reused
+        self.named = {id(t): n for n, t in root.named_parameters(remove_duplicate=False)}
+        self.named.update({id(t): n for n, t in root.named_buffers(remove_duplicate=False)})
+        self.constants = 0
+        self.leaf_depth = 0
+        self.stack: list[tuple[str, type]] = []
+
+    # ------------------------------------------------------------------ values
+    def node_of(self, value: Any) -> Any:
+        """``value`` with every tensor replaced by the node that computed it."""
+        if isinstance(value, torch.Tensor):
+            node = self.env.get(id(value))
+            if node is None:
+                node = self._attribute(value)
+            return node
+        if isinstance(value, (tuple, list)):
+            mapped = [self.node_of(v) for v in value]
+            return type(value)(mapped) if isinstance(value, list) else tuple(mapped)
+        if isinstance(value, dict):
+            return {k: self.node_of(v) for k, v in value.items()}
+        return value
+
+    def _attribute(self, tensor: torch.Tensor) -> fx.Node:
+        """A ``get_attr`` node for a parameter, buffer or constant tensor of the run."""
+        name = self.named.get(id(tensor))
+        if name is None:
+            name = f"_recorded_constant_{self.constants}"
+            self.constants += 1
+            self.root.register_buffer(name, tensor.detach(), persistent=False)
+            self.named[id(tensor)] = name
+        node = self._create("get_attr", name, (), {})
+        self.bind(tensor, node)
+        return node
+
+    def bind(self, value: Any, node: fx.Node) -> None:
+        """Remember ``node`` as the producer of ``value`` (and of the tensors it holds)."""
+        if isinstance(value, torch.Tensor):
+            self.env[id(value)] = node
+            self.alive.append(value)
+        elif isinstance(value, (tuple, list)):
+            for i, v in enumerate(value):
+                if isinstance(v, torch.Tensor):
+                    self.bind(v, self._create("call_function", operator.getitem, (node, i), {}))
+
+    def _create(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict) -> fx.Node:
+        node = self.graph.create_node(op, target, args, kwargs)
+        node.meta["nn_module_stack"] = {name: (name, kind) for name, kind in self.stack}
+        return node
+
+    # ------------------------------------------------------------------ functions
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        if self.leaf_depth:
+            return func(*args, **kwargs)
+        mapped = (self.node_of(args), self.node_of(kwargs)) if _has_tensor(args, kwargs) else None
+        result = func(*args, **kwargs)
+        if not _has_tensor(result):
+            return result
+        op, target, node_args = _target(func, mapped[0] if mapped else args)
+        node_kwargs = mapped[1] if mapped else kwargs
+        self.bind(result, self._create(op, target, tuple(node_args), dict(node_kwargs)))
+        return result
+
+    # ------------------------------------------------------------------ modules
+    def hooks(self, tracer: _Tracer, recording: Recording) -> list[Any]:
+        """Forward (pre-)hooks on every module of ``root`` that record module calls."""
+        handles = []
+        pending: dict[int, list[tuple[Any, Any, bool]]] = {}
+        for name, module in self.root.named_modules():
+            if not name:
+                continue
+            leaf = tracer.is_leaf_module(module, name)
+
+            def pre(
+                mod: nn.Module, args: tuple, kwargs: dict, name: str = name, leaf: bool = leaf
+            ) -> None:
+                inside = self.leaf_depth > 0
+                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+                in_node = None if inside or first is None else self.node_of(first)
+                mapped = None if inside or not leaf else (self.node_of(args), self.node_of(kwargs))
+                pending.setdefault(id(mod), []).append((in_node, mapped, inside))
+                if inside or leaf:
+                    self.leaf_depth += 1
+                if not inside:
+                    self.stack.append((name, type(mod)))
+
+            def post(
+                mod: nn.Module,
+                args: tuple,
+                kwargs: dict,
+                output: Any,
+                name: str = name,
+                leaf: bool = leaf,
+            ) -> None:
+                in_node, mapped, inside = pending[id(mod)].pop()
+                if inside or leaf:
+                    self.leaf_depth -= 1
+                if inside:
+                    return
+                self.stack.pop()
+                if leaf:
+                    node = self._create("call_module", name, *mapped)
+                    self.bind(output, node)
+                    recording.leaves[name] = mod
+                    out_node: fx.Node | None = node
+                elif isinstance(output, torch.Tensor):
+                    out_node = self.env.get(id(output))
+                else:
+                    out_node = None
+                recording.calls.setdefault(name, []).append((in_node, out_node))
+
+            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+            handles.append(module.register_forward_hook(post, with_kwargs=True))
+        return handles
+
+
+def _has_tensor(*values: Any) -> bool:
+    for v in values:
+        if isinstance(v, torch.Tensor):
+            return True
+        if isinstance(v, (tuple, list)) and _has_tensor(*v):
+            return True
+        if isinstance(v, dict) and _has_tensor(*v.values()):
+            return True
+    return False
+
+
+def _target(func: Any, args: Any) -> tuple[str, Any, list[Any]]:
+    """The ``(op, target, args)`` symbolic tracing would record for ``func(*args)``."""
+    args = list(args)
+    name = getattr(func, "__name__", "")
+    if name in _DUNDERS:
+        fn, reflected = _DUNDERS[name]
+        return "call_function", fn, args[::-1] if reflected else args
+    if name == "__get__":  # a tensor property such as ``x.T``
+        attr = getattr(getattr(func, "__self__", None), "__name__", "")
+        return "call_function", builtins.getattr, [*args, attr]
+    if name and not name.startswith("__") and getattr(torch.Tensor, name, None) is func:
+        return "call_method", name, args
+    if name.endswith("_") and not name.startswith("_"):  # torch.relu_ -> torch.relu
+        for space in (torch, torch.nn.functional):
+            if getattr(space, name, None) is func and hasattr(space, name[:-1]):
+                return "call_function", getattr(space, name[:-1]), args
+    return "call_function", func, args
+
+
+def record(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Recording]:
+    """Run ``model(*inputs)`` once under no_grad and return the recorded graph module.
+
+    Parameters
+    ----------
+    model : nn.Module
+        A private working copy (see :func:`~captum_chains.export.tracing.working_copy`):
+        constants of the run are registered on it as buffers.
+    inputs : tuple of Tensor
+        The inputs; the graph is specialised to them.
+
+    Returns
+    -------
+    tuple
+        The ``fx.GraphModule`` and the :class:`Recording` of its module calls.
+    """
+    graph = fx.Graph()
+    recorder = _Recorder(model, graph)
+    recording = Recording()
+    for i, x in enumerate(inputs):
+        recorder.bind(x, graph.placeholder(f"input_{i}"))
+    handles = recorder.hooks(_Tracer(), recording)
+    try:
+        with torch.no_grad(), recorder:
+            output = model(*inputs)
+    except Exception as err:
+        where = recorder.stack[-1][0] if recorder.stack else type(model).__name__
+        raise ExportError(
+            f"recording the forward pass failed in {where!r} ({type(err).__name__}: {err})"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+    graph.output(recorder.node_of(output))
+    return fx.GraphModule(model, graph), recording
+
+
+__all__ = ["Recording", "record"]
