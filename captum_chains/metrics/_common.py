@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_chains._utils.model_state import eval_mode
+from captum_chains._utils.validation import (
+    check_batch_size as validate_batch_size,
+)
 from captum_chains._utils.validation import check_device, format_inputs, slice_additional_args
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork
@@ -94,8 +97,7 @@ def both_probabilities(
 
 def check_batch_size(batch_size: int | None) -> None:
     """Raise for a non-positive ``batch_size``."""
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive int or None, got {batch_size!r}")
+    validate_batch_size(batch_size, "batch_size")
 
 
 def correlations(x: Any, y: Any) -> dict[str, float]:

@@ -35,12 +35,7 @@ import torch
 from torch import Tensor
 
 from captum_chains._utils.progress import tqdm
-from captum_chains.pathways._common import (
-    TargetType,
-    index_batch,
-    select_output,
-    target_rows,
-)
+from captum_chains._utils.validation import TargetType, index_batch, select_output, target_rows
 from captum_chains.pathways.neurons import ActivationTracer
 
 __all__ = ["integrated_contributions", "taylor_contributions"]
@@ -69,7 +64,7 @@ def taylor_contributions(
     inputs : tuple of Tensor
         Batched inputs.
     target : TargetType
-        Normalized target (see :func:`captum_chains.pathways._common.normalize_target`).
+        Normalized target (see :func:`captum_chains._utils.validation.normalize_target`).
     additional_forward_args : tuple
         Extra positional arguments of the model.
 

@@ -18,10 +18,9 @@ from typing import Any, Literal, cast
 import torch
 from torch import Tensor, nn
 
-from captum_chains.pathways._common import (
+from captum_chains._utils.validation import (
     TargetType,
     check_batch_size,
-    check_percentile,
     check_steps,
     format_additional_args,
     format_inputs,
@@ -36,7 +35,7 @@ from captum_chains.pathways.neurons import (
     check_activations,
     traced,
 )
-from captum_chains.pathways.selection import kept_count, select_top_neurons
+from captum_chains.pathways.selection import check_percentile, kept_count, select_top_neurons
 
 __all__ = ["CONTRIBUTION_METHODS", "CriticalPathways", "CriticalPathwaysResult", "run_masked"]
 
@@ -277,7 +276,7 @@ class CriticalPathways:
             raise ValueError(f"unknown method {method!r}; choose one of {CONTRIBUTION_METHODS}")
         steps = check_steps(steps)
         internal_batch_size = check_batch_size(internal_batch_size)
-        formatted, _ = format_inputs(inputs)
+        formatted = format_inputs(inputs, strict=False)
         args = format_additional_args(additional_forward_args)
         target = normalize_target(target, formatted[0].shape[0])
         detached = tuple(t.detach() for t in formatted)
@@ -312,7 +311,7 @@ class CriticalPathways:
         Each activation is multiplied by its binary mask as it is computed; later
         activations are computed from the masked ones. Runs without gradients.
         """
-        formatted, _ = format_inputs(inputs)
+        formatted = format_inputs(inputs, strict=False)
         _check_batch(pathways, formatted[0].shape[0])
         args = format_additional_args(additional_forward_args)
         with traced(self.model, self.activations) as tracer, torch.no_grad():

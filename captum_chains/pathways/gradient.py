@@ -24,7 +24,7 @@ import torch
 from captum.attr import GradientAttribution
 from torch import Tensor, nn
 
-from captum_chains.pathways._common import (
+from captum_chains._utils.validation import (
     TargetType,
     format_additional_args,
     format_inputs,
@@ -144,7 +144,7 @@ class PathwayGradient(GradientAttribution):
             Shaped like ``inputs`` (dimension 1 of size 1 with ``channel_reduction``).
             The pathways used are kept in :attr:`last_pathways`.
         """
-        formatted, is_tuple = format_inputs(inputs)
+        formatted, is_tuple = format_inputs(inputs, strict=False), isinstance(inputs, tuple)
         for i, tensor in enumerate(formatted):
             if not tensor.is_floating_point():
                 raise TypeError(

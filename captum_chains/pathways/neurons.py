@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from captum_chains._utils.hooks import this_thread_only
 from captum_chains._utils.model_state import eval_mode
-from captum_chains.pathways._common import format_additional_args, format_inputs, require_module
+from captum_chains._utils.validation import format_additional_args, format_inputs, require_module
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -545,7 +545,7 @@ def discover_neurons(
     >>> [s.name for s in sites][:3]                 # doctest: +SKIP
     ['features.2', 'features.5', 'features.9']
     """
-    formatted, _ = format_inputs(inputs)
+    formatted = format_inputs(inputs, strict=False)
     args = format_additional_args(additional_forward_args)
     with traced(model, activations) as tracer, torch.no_grad():
         tracer.run(formatted, args)

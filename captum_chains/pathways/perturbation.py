@@ -38,7 +38,7 @@ from captum.metrics import infidelity, sensitivity_max
 from torch import Tensor, nn
 
 from captum_chains._utils.model_state import eval_mode
-from captum_chains.pathways._common import (
+from captum_chains._utils.validation import (
     TargetType,
     format_additional_args,
     normalize_target,

@@ -42,7 +42,7 @@ from skimage.metrics import structural_similarity
 from torch import Tensor, nn
 
 from captum_chains._utils.progress import tqdm
-from captum_chains.pathways._common import (
+from captum_chains._utils.validation import (
     TargetType,
     format_additional_args,
     format_inputs,
@@ -117,7 +117,7 @@ def default_randomization_layers(
 
     Runs one forward pass (no gradients) on a deep copy to observe the order.
     """
-    formatted, _ = format_inputs(inputs)
+    formatted = format_inputs(inputs, strict=False)
     args = format_additional_args(additional_forward_args)
     clone = copy.deepcopy(model).eval()
     order: list[str] = []

@@ -37,9 +37,20 @@ from fractions import Fraction
 import torch
 from torch import Tensor
 
-from captum_chains.pathways._common import check_percentile
+__all__ = ["check_percentile", "kept_count", "select_top_neurons"]
 
-__all__ = ["kept_count", "select_top_neurons"]
+
+def check_percentile(percentile: float) -> float:
+    """Validate a pathway percentile: a real number in ``[0, 100)``."""
+    if isinstance(percentile, bool) or not isinstance(percentile, (int, float)):
+        raise TypeError(f"percentile must be a number in [0, 100), got {percentile!r}")
+    value = float(percentile)
+    if not math.isfinite(value) or not 0.0 <= value < 100.0:
+        raise ValueError(
+            f"percentile must lie in [0, 100) (the share of neurons dropped, in percent), "
+            f"got {percentile!r}; use e.g. 85 to keep the top 15% of neurons"
+        )
+    return value
 
 
 def kept_count(total: int, percentile: float) -> int:
