@@ -13,7 +13,6 @@ model whose weights differ, unless asked not to check (``check_weights=False``).
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -21,6 +20,7 @@ from typing import Any, cast
 import torch
 from torch import nn
 
+from captum_chains._utils.digest import weights_digest  # also public from this module
 from captum_chains._utils.files import read_safetensors, write_safetensors
 from captum_chains._utils.model_state import eval_mode
 from captum_chains.masking import MaskState, apply_masks
@@ -31,38 +31,6 @@ from captum_chains.units.discovery import architecture_fingerprint
 FILE_FORMAT = "captum-chains/subnetwork-v1"
 _UNIT_KINDS = ("filter", "head", "neuron", "channel")
 _GATE_KINDS = ("block", "layer", "branch")
-
-
-def weights_digest(model: nn.Module) -> str:
-    """SHA-256 of the names, shapes and values of a model's parameters and buffers.
-
-    Floating-point tensors are hashed as float32 values, so a model moved to another
-    device or cast to float64 (``model.double()``) keeps its digest, while any change of
-    a value (an in-place edit, a layer swapped for one of the same shape, other
-    trained weights) changes it. About 0.2 s for ResNet-50 (100 MB) on one CPU core.
-
-    Parameters
-    ----------
-    model : nn.Module
-        Any module.
-
-    Returns
-    -------
-    str
-        64 hexadecimal characters.
-    """
-    digest = hashlib.sha256()
-    named = [("param", n, t) for n, t in model.named_parameters()]
-    named += [("buffer", n, t) for n, t in model.named_buffers()]
-    for kind, name, tensor in named:
-        t = tensor.detach()
-        if t.is_floating_point():
-            t = t.float()
-        t = t.cpu().contiguous()
-        digest.update(f"{kind}:{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        if t.numel():
-            digest.update(t.reshape(-1).view(torch.uint8).numpy())
-    return digest.hexdigest()
 
 
 def _home(model: nn.Module) -> tuple[torch.dtype, torch.device]:

@@ -84,6 +84,27 @@ def test_metrics_and_units_import_no_table_or_figure_library():
     assert not loaded & {"pandas", "networkx", "timm", "torchvision", "sklearn", "skimage"}
 
 
+def test_export_imports_neither_timm_nor_the_subnetwork_module():
+    # timm's layers are recognised without importing timm (nothing of timm can be in a
+    # model before timm is imported), and the export never imports captum_chains.subnetwork
+    # (which imports the export for SubNetwork.export: one direction only, no cycle)
+    loaded = loaded_after("import captum_chains.export.api, captum_chains.export.vit")
+    unwanted = {"timm", "torchvision", "captum_chains.subnetwork"}
+    assert not loaded & unwanted, sorted(loaded & unwanted)
+
+
+def test_loaded_class_imports_nothing_new():
+    pytest.importorskip("timm")
+    code = (
+        "from captum_chains._utils.optional import loaded_class\n"
+        "assert loaded_class('timm.layers.conv2d_same', 'Conv2dSame') is None\n"
+        "from timm.layers.conv2d_same import Conv2dSame\n"
+        "assert loaded_class('timm.layers.conv2d_same', 'Conv2dSame') is Conv2dSame\n"
+        "assert loaded_class('timm.layers.conv2d_same', 'nothing') is None"
+    )
+    assert "timm" in loaded_after(code)  # a failing assert fails the subprocess
+
+
 @pytest.mark.parametrize("package", LAZY_PACKAGES)
 def test_lazy_names_resolve_and_match_the_type_checking_imports(package):
     module = importlib.import_module(package)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import sys
 from types import ModuleType
 
 #: Import name -> (distribution name on PyPI, the extra of captum-chains that installs it).
@@ -103,3 +104,33 @@ def explain(err: ModuleNotFoundError, purpose: str) -> ImportError:
     if root not in OPTIONAL:
         return err
     return MissingDependencyError(_message(root, purpose), name=root)
+
+
+def loaded_class(module: str, name: str) -> type | None:
+    """Class ``name`` of ``module`` if that module's package is already imported, else None.
+
+    Checking a model's layers against a class of an optional dependency (timm's
+    ``Conv2dSame``) needs no import: an instance of the class exists only once its
+    package has been imported. So this imports nothing new before that happens, and
+    after it returns the class as ``from module import name`` would (``None`` if that
+    fails).
+
+    Parameters
+    ----------
+    module : str
+        Dotted module name, e.g. ``"timm.layers.conv2d_same"``.
+    name : str
+        Class name in that module.
+
+    Returns
+    -------
+    type or None
+        The class, or ``None`` when its package is not imported or has no such class.
+    """
+    if module.split(".")[0] not in sys.modules:
+        return None
+    try:
+        value = getattr(importlib.import_module(module), name, None)
+    except ImportError:
+        return None
+    return value if isinstance(value, type) else None

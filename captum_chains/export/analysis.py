@@ -26,6 +26,7 @@ from captum_chains.export.rules import (
     OPAQUE,
     ChannelInfo,
     Decline,
+    Mask,
     Rule,
     function_rule,
     method_rule,
@@ -59,7 +60,7 @@ class Analysis:
         self.rule: dict[fx.Node, Rule] = {}
         self.info: dict[fx.Node, ChannelInfo | None] = {}
         self.nz: dict[fx.Node, torch.Tensor] = {}
-        self.nd: dict[fx.Node, torch.Tensor | bool] = {}
+        self.nd: dict[fx.Node, Mask] = {}
         self.layout: dict[fx.Node, torch.Tensor] = {}
         self.real_empty: dict[fx.Node, bool] = {}
         self.exists: dict[fx.Node, bool] = {}
@@ -87,6 +88,13 @@ class Analysis:
         for part in target.split("."):
             obj = getattr(obj, part)
         return obj
+
+    def channels(self, node: fx.Node) -> ChannelInfo:
+        """Channel structure of a node known to have channels (see :meth:`has_channels`)."""
+        info = self.info[node]
+        if info is None:
+            raise RuntimeError(f"export internal error: {node} has no channel structure")
+        return info
 
     def nonzero_of(self, node: Any) -> torch.Tensor | None:
         """Bool ``[C]`` non-zero channels of a node with channels, else None (unknown)."""
@@ -135,7 +143,7 @@ class Analysis:
             for inp, mask in self.rule[node].needed(self, node, out_needed).items():
                 self._merge(inp, mask)
 
-    def _merge(self, node: fx.Node, mask: torch.Tensor | bool) -> None:
+    def _merge(self, node: fx.Node, mask: Mask) -> None:
         current = self.nd[node]
         if isinstance(current, bool):
             self.nd[node] = current or bool(mask if isinstance(mask, bool) else mask.any())
@@ -148,7 +156,7 @@ class Analysis:
     def _layouts(self) -> None:
         for node in self.nodes:
             if self.info[node] is not None:
-                keep = self.nz[node] & self.nd[node]  # type: ignore[operator]
+                keep = self.nz[node] & self.nd[node]
                 self.layout[node] = torch.nonzero(keep).flatten()
                 self.real_empty[node] = not bool(keep.any())
         for node in reversed(self.nodes):
@@ -171,10 +179,10 @@ class Analysis:
         return out
 
 
-def describe(a: Analysis, node: fx.Node) -> str:
+def describe(analysis: Analysis, node: fx.Node) -> str:
     """Readable name of a node: module name and type, or function name."""
     if node.op == "call_module":
-        return f"{node.target} ({type(a.module(node)).__name__})"
+        return f"{node.target} ({type(analysis.module(node)).__name__})"
     if node.op == "call_method":
         return f"{node.name} (Tensor.{node.target})"
     target = getattr(node.target, "__name__", str(node.target))

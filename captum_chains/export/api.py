@@ -21,11 +21,12 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import fx, nn
 
+from captum_chains._utils.digest import weights_digest
 from captum_chains._utils.validation import format_inputs, model_device
 from captum_chains.export import rules_layers as _rules_layers  # noqa: F401  (registers rules)
 from captum_chains.export.analysis import Analysis, describe
@@ -48,6 +49,12 @@ class ExportedSubNetwork(fx.GraphModule):
     ``print(exported.code)`` shows the computation; submodules keep the original names
     (``layer1.0.conv1``); ``exported.report`` holds the :class:`ExportReport`.
     """
+
+    if TYPE_CHECKING:  # for type checkers only: torch.jit.script rejects class annotations
+        #: Size before/after and the check against the SubNetwork.
+        report: ExportReport
+        #: Number of channel adapters (gathers/scatters) in the graph.
+        adapter_count: int
 
     def verify(self, subnetwork: nn.Module, inputs: Any) -> float:
         """Max absolute difference to ``subnetwork`` on ``inputs`` (see :func:`verify`)."""
@@ -104,9 +111,7 @@ def export_subnetwork(
         operation the export cannot open, with ``strict=True`` if an operation is not
         understood, or if the export does not reproduce the SubNetwork.
     """
-    from captum_chains.subnetwork import SubNetwork
-
-    if not isinstance(subnetwork, SubNetwork):
+    if not _is_subnetwork(subnetwork):
         raise TypeError(
             f"export_subnetwork needs a SubNetwork (e.g. chain.subnetwork), got "
             f"{type(subnetwork).__name__}"
@@ -150,14 +155,24 @@ def export_subnetwork(
     exported = _build(analysis)
     exported.to(device)
     report = _report(model, subnetwork, exported, example, checks, full_width, rtol)
-    exported.report = report  # type: ignore[assignment]
+    exported.report = report
     return exported
+
+
+def _is_subnetwork(obj: object) -> bool:
+    """Whether ``obj`` is a :class:`~captum_chains.subnetwork.SubNetwork` (or a subclass).
+
+    Checked by name along the class hierarchy, so that the export never imports
+    :mod:`captum_chains.subnetwork` (which imports the export for ``SubNetwork.export``).
+    """
+    return any(
+        kind.__module__ == "captum_chains.subnetwork" and kind.__name__ == "SubNetwork"
+        for kind in type(obj).__mro__
+    )
 
 
 def check_weights_digest(subnetwork: Any, model: nn.Module) -> None:
     """Raise :class:`ExportError` if ``model``'s weights are not the chain's."""
-    from captum_chains.subnetwork import weights_digest
-
     recorded = getattr(subnetwork, "weights_digest", None)
     if recorded is None:
         return
@@ -260,7 +275,7 @@ def _build(analysis: Analysis) -> ExportedSubNetwork:
     exported.graph.lint()
     exported.delete_all_unused_submodules()
     exported.recompile()
-    exported.adapter_count = builder.adapter_count  # type: ignore[assignment]
+    exported.adapter_count = builder.adapter_count
     return exported.eval()
 
 

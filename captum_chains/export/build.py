@@ -27,8 +27,8 @@ class Builder:
         Traced node -> (new node, layout of the new node's output).
     """
 
-    def __init__(self, a: Analysis) -> None:
-        self.a = a
+    def __init__(self, analysis: Analysis) -> None:
+        self.analysis = analysis
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.env: dict[fx.Node, tuple[fx.Node, Layout]] = {}
@@ -59,7 +59,7 @@ class Builder:
         """
         if not isinstance(old, fx.Node):
             return old
-        info = self.a.info.get(old)
+        info = self.analysis.info.get(old)
         if info is not None and required is None:
             required = torch.arange(info.size)
         if old.op == "get_attr":
@@ -77,19 +77,20 @@ class Builder:
     def _adapter(
         self, old: fx.Node, new: fx.Node, actual: torch.Tensor, required: torch.Tensor, fill: float
     ) -> fx.Node:
-        info = self.a.info[old]
+        info = self.analysis.info[old]
         assert info is not None
         pos = {int(c): i for i, c in enumerate(actual.tolist()) if c >= 0}
         missing = len(actual)
         index, pad = [], False
-        nz = self.a.nz[old]
+        nz = self.analysis.nz[old]
         for r in required.tolist():
             if r >= 0 and r in pos:
                 index.append(pos[r])
                 continue
             if r >= 0 and bool(nz[r]) and not self._placeholder_only():
                 raise RuntimeError(
-                    f"export internal error: {describe(self.a, old)} lacks non-zero channel {r}"
+                    f"export internal error: {describe(self.analysis, old)} lacks non-zero "
+                    f"channel {r}"
                 )
             index.append(missing)
             pad = True
@@ -104,11 +105,11 @@ class Builder:
         """Whether no output channel of the node being built is read (its values are unused)."""
         if self.current is None:
             return False
-        needed = self.a.nd.get(self.current, True)
+        needed = self.analysis.nd.get(self.current, True)
         return not (needed if isinstance(needed, bool) else bool(needed.any()))
 
     def _attr(self, old: fx.Node, required: Layout, fresh: bool = False) -> fx.Node:
-        value = self.a.attr(str(old.target))
+        value = self.analysis.attr(str(old.target))
         key = (str(old.target), None if required is None else tuple(required.tolist()))
         if key in self._attrs and not fresh:
             return self._attrs[key]
@@ -180,7 +181,7 @@ class Builder:
         kwargs = dict(old.kwargs) if kwargs is None else kwargs
         target = old.target if target is None else target
         if old.op == "call_module":
-            name = self.add_module(str(old.target), module or self.a.module(old))
+            name = self.add_module(str(old.target), module or self.analysis.module(old))
             return self.graph.call_module(name, args, kwargs)
         if old.op == "call_function":
             return self.graph.call_function(target, args, kwargs)
@@ -192,8 +193,8 @@ class Builder:
         """Copy ``old`` unchanged, its channel inputs at full width."""
         args = fx.node.map_arg(old.args, lambda n: self.value(n, None))
         kwargs = fx.node.map_arg(old.kwargs, lambda n: self.value(n, None))
-        new = self.emit(old, args, kwargs)  # type: ignore[arg-type]
-        info = self.a.info.get(old)
+        new = self.emit(old, args, kwargs)
+        info = self.analysis.info.get(old)
         return self.set(old, new, None if info is None else torch.arange(info.size))
 
 

@@ -37,6 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
 #: ``-1`` marks a placeholder channel whose values no consumer reads. ``None`` means the
 #: tensor is kept whole (no channel structure, or a full-width opaque value).
 Layout = torch.Tensor | None
+#: Channels of a tensor that are needed (or can be non-zero): a bool mask ``[C]``, or one
+#: bool for the whole tensor (``True``: all of it; ``False``: none of it).
+Mask = torch.Tensor | bool
+#: What :meth:`Rule.needed` returns: input node -> the channels of it that are read.
+Needs = dict[fx.Node, Mask]
 
 
 class Decline(Exception):
@@ -67,10 +72,13 @@ class ChannelInfo:
 
 
 class Rule:
-    """Channel semantics of one kind of operation. Subclass and override what differs.
+    """Channel semantics of one kind of operation: the interface every rule implements.
 
-    The defaults describe an opaque operation: no channel structure in the output, all
-    input channels needed, the node copied unchanged with full-width inputs.
+    Subclass and override what differs. The defaults describe an opaque operation: no
+    channel structure in the output, all input channels needed, the node copied
+    unchanged with full-width inputs. Every method receives the :class:`Analysis` of the
+    traced graph (channel facts of every node) and the node it is asked about;
+    :meth:`build` also receives the :class:`Builder` of the exported graph.
     """
 
     #: For module rules: trace the module as one node (``True``) or trace through it.
@@ -78,17 +86,15 @@ class Rule:
     #: Short name shown in the export report.
     name: str = "opaque"
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
         """Channel structure of the node's output; raise :class:`Decline` if unknown."""
         return None
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
         """Bool ``[C]``: output channels that can be non-zero (only for ``info`` nodes)."""
-        return torch.ones(a.info[node].size, dtype=torch.bool)  # type: ignore[union-attr]
+        return torch.ones(analysis.channels(node).size, dtype=torch.bool)
 
-    def needed(
-        self, a: Analysis, node: fx.Node, out_needed: torch.Tensor | bool
-    ) -> dict[fx.Node, torch.Tensor | bool]:
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
         """Input channels read by the needed output channels ``out_needed``.
 
         Returns a mapping input node -> bool ``[C_in]`` (or ``True`` for "all"). The
@@ -98,17 +104,17 @@ class Rule:
             return {}
         return {inp: True for inp in node.all_input_nodes}
 
-    def reads(self, a: Analysis, node: fx.Node, inp: fx.Node) -> bool:
+    def reads(self, analysis: Analysis, node: fx.Node, inp: fx.Node) -> bool:
         """Whether the built node uses ``inp`` at all (used to skip all-zero operands)."""
         return True
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        """Emit the node into ``b`` and return the layout of its output."""
-        return b.copy_node(node)
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        """Emit the node into ``builder`` and return the layout of its output."""
+        return builder.copy_node(node)
 
-    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+    def fold_scale(self, builder: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
         """Fold per-output-channel ``scale`` into the weights of ``node``, just emitted by
-        this rule into ``b`` (one factor per entry of its layout); True if done."""
+        this rule into ``builder`` (one factor per entry of its layout); True if done."""
         return False
 
 
@@ -183,5 +189,12 @@ def is_leaf_type(module: nn.Module) -> bool:
     return rule is not None and rule.leaf
 
 
-def _any(mask: torch.Tensor | bool) -> bool:
+def expand_mask(mask: Mask, size: int) -> torch.Tensor:
+    """``mask`` as a bool ``[size]`` tensor (a single bool stands for every channel)."""
+    if isinstance(mask, torch.Tensor):
+        return mask
+    return torch.full((size,), bool(mask))
+
+
+def _any(mask: Mask) -> bool:
     return bool(mask) if isinstance(mask, bool) else bool(mask.any())

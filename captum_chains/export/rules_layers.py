@@ -10,24 +10,21 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from captum_chains._utils.optional import loaded_class
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.build import Builder, shallow_clone, take
 from captum_chains.export.rules import (
     ChannelInfo,
     Decline,
     Layout,
+    Mask,
+    Needs,
     Rule,
+    expand_mask,
     register_function_rule,
     register_module_rule,
 )
 from captum_chains.export.rules_ops import PerChannelRule
-
-
-def _mask(a: Analysis, node: fx.Node, out_needed: torch.Tensor | bool) -> torch.Tensor:
-    size = a.info[node].size  # type: ignore[union-attr]
-    if isinstance(out_needed, torch.Tensor):
-        return out_needed
-    return torch.full((size,), bool(out_needed))
 
 
 def _scale_affine(weight: Any, bias: Any, scale: torch.Tensor) -> bool:
@@ -54,35 +51,35 @@ def _scale_rows(module: Any, scale: torch.Tensor) -> bool:
 
 
 # --------------------------------------------------------------------------- dense
-def _dense_input(a: Analysis, b: Builder, x: fx.Node) -> tuple[fx.Node, Layout]:
+def _dense_input(analysis: Analysis, builder: Builder, x: fx.Node) -> tuple[fx.Node, Layout]:
     """The input of a convolution or linear layer and its layout.
 
     The layer reads whatever channels its producer computes, except that channels known
     to be zero (e.g. removed filters left in place by a channel-mixing norm) are first
     dropped, so that the layer holds no weight for them.
     """
-    new, actual = b.actual(x)
-    if actual is None or not a.has_channels(x):
+    new, actual = builder.actual(x)
+    if actual is None or not analysis.has_channels(x):
         return new, actual
     real = actual[actual >= 0]
-    if bool(a.nz[x][real].all()) and len(real) == len(actual):
+    if bool(analysis.nz[x][real].all()) and len(real) == len(actual):
         return new, actual
-    return b.value(x, a.layout[x]), a.layout[x]
+    return builder.value(x, analysis.layout[x]), analysis.layout[x]
 
 
 class _Dense(Rule):
     """Shared parts of convolutions and linear layers: ``out[o] = sum_c W[o, c] * in[c] + b[o]``
     (sums within the group of ``o`` for grouped convolutions)."""
 
-    def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
+    def _local(self, analysis: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
         """Bool ``[out, in_channels / groups]``: inputs of its group each output reads; groups."""
         raise NotImplementedError
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        m = a.module(node)
-        local, g = self._local(a, node)
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        m = analysis.module(node)
+        local, g = self._local(analysis, node)
         out, in_pg = local.shape
-        nz_in = a.nonzero_of(node.args[0])
+        nz_in = analysis.nonzero_of(node.args[0])
         if nz_in is None:
             nz_in = torch.ones(g * in_pg, dtype=torch.bool)
         hit = (local.view(g, out // g, in_pg) & nz_in.view(g, 1, in_pg)).any(-1).flatten()
@@ -90,17 +87,17 @@ class _Dense(Rule):
             hit = hit | (m.bias.detach().cpu() != 0)
         return hit
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        mask = _mask(a, node, out_needed)
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
+        mask = expand_mask(out_needed, analysis.channels(node).size)
         x: Any = node.args[0]
-        if not a.has_channels(x):
+        if not analysis.has_channels(x):
             return {x: bool(mask.any())}
-        local, g = self._local(a, node)
+        local, g = self._local(analysis, node)
         out, in_pg = local.shape
         return {x: (local.view(g, out // g, in_pg) & mask.view(g, -1, 1)).any(1).flatten()}
 
-    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
-        module = b.module_of(node)
+    def fold_scale(self, builder: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        module = builder.module_of(node)
         return module is not None and _scale_rows(module, scale)
 
 
@@ -115,40 +112,40 @@ class ConvRule(_Dense):
     leaf = True
     name = "conv"
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        m = a.module(node)
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        m = analysis.module(node)
         if len(node.args) != 1 or node.kwargs:
             raise Decline
         x: Any = node.args[0]
-        if a.has_channels(x):
-            info = a.info[x]  # type: ignore[index]
-            if info.dim != 1 or info.width != 1 or info.size != m.in_channels:  # type: ignore[union-attr]
+        if analysis.has_channels(x):
+            info = analysis.channels(x)
+            if info.dim != 1 or info.width != 1 or info.size != m.in_channels:
                 raise Decline
         elif m.groups > 1:
             raise Decline
         return ChannelInfo(1, m.out_channels)
 
-    def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
+    def _local(self, analysis: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
         cached = node.meta.get("export_local")
         if cached is None:
-            m = a.module(node)
+            m = analysis.module(node)
             cached = (m.weight.detach().abs().flatten(2).sum(-1).cpu() != 0, m.groups)
             node.meta["export_local"] = cached
         return cached
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        m = a.module(node)
-        rows = a.layout[node]
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        m = analysis.module(node)
+        rows = analysis.layout[node]
         x: Any = node.args[0]
         if m.groups == 1:
-            x_new, cols = _dense_input(a, b, x)  # type: ignore[arg-type]
+            x_new, cols = _dense_input(analysis, builder, x)
             weight = take(m.weight.detach(), rows, 0)
             if cols is not None:
                 weight = take(weight, cols, 1)
             new = self._conv(m, weight, rows, groups=1)
-            name = b.add_module(str(node.target), new)
-            return b.set(node, b.graph.call_module(name, (x_new,)), rows)
-        return self._build_grouped(a, b, node, m, rows)
+            name = builder.add_module(str(node.target), new)
+            return builder.set(node, builder.graph.call_module(name, (x_new,)), rows)
+        return self._build_grouped(analysis, builder, node, m, rows)
 
     def _conv(self, m: Any, weight: torch.Tensor, rows: torch.Tensor, groups: int) -> nn.Module:
         new = shallow_clone(m)
@@ -161,13 +158,13 @@ class ConvRule(_Dense):
         return new
 
     def _build_grouped(
-        self, a: Analysis, b: Builder, node: fx.Node, m: Any, rows: torch.Tensor
+        self, analysis: Analysis, builder: Builder, node: fx.Node, m: Any, rows: torch.Tensor
     ) -> Layout:
         g = m.groups
         out_pg, in_pg = m.out_channels // g, m.in_channels // g
         x: Any = node.args[0]
-        local, _ = self._local(a, node)
-        nz_local = a.nz[x].view(g, in_pg)  # type: ignore[index]
+        local, _ = self._local(analysis, node)
+        nz_local = analysis.nz[x].view(g, in_pg)
         real = rows[rows >= 0]
         if not len(real):  # a placeholder channel: one group with one zero filter
             groups = torch.zeros(1, dtype=torch.long)
@@ -200,9 +197,9 @@ class ConvRule(_Dense):
         keep = (col >= 0).view(shape).to(weight.device)
         weight = torch.where(keep, weight, torch.zeros((), dtype=weight.dtype))
         new = self._conv(m, weight.contiguous(), out_t, groups=len(groups))
-        x_new = b.value(x, in_t)
-        name = b.add_module(str(node.target), new)
-        return b.set(node, b.graph.call_module(name, (x_new,)), out_t)
+        x_new = builder.value(x, in_t)
+        name = builder.add_module(str(node.target), new)
+        return builder.set(node, builder.graph.call_module(name, (x_new,)), out_t)
 
 
 class LinearRule(_Dense):
@@ -211,36 +208,36 @@ class LinearRule(_Dense):
     leaf = True
     name = "linear"
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        m = a.module(node)
-        x = node.args[0] if len(node.args) == 1 and not node.kwargs else None
-        shape = a.shape(x)
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        m = analysis.module(node)
+        x: Any = node.args[0] if len(node.args) == 1 and not node.kwargs else None
+        shape = analysis.shape(x)
         if shape is None:
             raise Decline
-        if a.has_channels(x):
-            info = a.info[x]  # type: ignore[index]
-            if info.dim != len(shape) - 1 or info.size * info.width != m.in_features:  # type: ignore[union-attr]
+        if analysis.has_channels(x):
+            info = analysis.channels(x)
+            if info.dim != len(shape) - 1 or info.size * info.width != m.in_features:
                 raise Decline
         return ChannelInfo(len(shape) - 1, m.out_features)
 
-    def _width(self, a: Analysis, node: fx.Node) -> int:
+    def _width(self, analysis: Analysis, node: fx.Node) -> int:
         x: Any = node.args[0]
-        return a.info[x].width if a.has_channels(x) else 1  # type: ignore[union-attr]
+        return analysis.channels(x).width if analysis.has_channels(x) else 1
 
-    def _local(self, a: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
-        m = a.module(node)
-        w = self._width(a, node)
+    def _local(self, analysis: Analysis, node: fx.Node) -> tuple[torch.Tensor, int]:
+        m = analysis.module(node)
+        w = self._width(analysis, node)
         nzw = m.weight.detach().cpu() != 0
         return nzw.view(m.out_features, -1, w).any(-1), 1
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        m = a.module(node)
-        rows = a.layout[node]
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        m = analysis.module(node)
+        rows = analysis.layout[node]
         x: Any = node.args[0]
-        x_new, cols = _dense_input(a, b, x)  # type: ignore[arg-type]
+        x_new, cols = _dense_input(analysis, builder, x)
         weight = take(m.weight.detach(), rows, 0)
         if cols is not None:
-            w = self._width(a, node)
+            w = self._width(analysis, node)
             elem = cols.clamp(min=0).repeat_interleave(w) * w + torch.arange(w).repeat(len(cols))
             elem = torch.where(cols.repeat_interleave(w) >= 0, elem, torch.full_like(elem, -1))
             weight = take(weight, elem, 1)
@@ -249,8 +246,8 @@ class LinearRule(_Dense):
         if m.bias is not None:
             new.bias = nn.Parameter(take(m.bias.detach(), rows, 0))
         new.in_features, new.out_features = weight.shape[1], weight.shape[0]
-        name = b.add_module(str(node.target), new)
-        return b.set(node, b.graph.call_module(name, (x_new,)), rows)
+        name = builder.add_module(str(node.target), new)
+        return builder.set(node, builder.graph.call_module(name, (x_new,)), rows)
 
 
 # --------------------------------------------------------------------------- norms
@@ -262,12 +259,12 @@ class BatchNormRule(PerChannelRule):
     def __init__(self) -> None:
         super().__init__("batchnorm", spatial=True)
 
-    def input_scale(self, a: Analysis, node: fx.Node) -> torch.Tensor | None:
-        m = a.module(node)
+    def input_scale(self, analysis: Analysis, node: fx.Node) -> torch.Tensor | None:
+        m = analysis.module(node)
         return None if m.weight is None else m.weight.detach().cpu()
 
-    def sliced_module(self, a: Analysis, node: fx.Node, layout: torch.Tensor) -> nn.Module:
-        m = a.module(node)
+    def sliced_module(self, analysis: Analysis, node: fx.Node, layout: torch.Tensor) -> nn.Module:
+        m = analysis.module(node)
         new = shallow_clone(m)
         new.num_features = len(layout)
         if m.weight is not None:
@@ -279,8 +276,8 @@ class BatchNormRule(PerChannelRule):
             new.running_var = torch.where(layout.to(var.device) >= 0, var, torch.ones_like(var))
         return new
 
-    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
-        module = b.module_of(node)
+    def fold_scale(self, builder: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        module = builder.module_of(node)
         if module is None:
             return False
         return _scale_affine(module.weight, module.bias, scale)
@@ -297,11 +294,11 @@ class ChannelNormRule(Rule):
     leaf = True
     name = "channel norm"
 
-    def _normalizes_channels(self, a: Analysis, node: fx.Node, info: ChannelInfo) -> bool:
-        shape = a.shape(node.args[0])
+    def _normalizes_channels(self, analysis: Analysis, node: fx.Node, info: ChannelInfo) -> bool:
+        shape = analysis.shape(node.args[0])
         assert shape is not None
         if node.op == "call_module":
-            m = a.module(node)
+            m = analysis.module(node)
             if isinstance(m, nn.GroupNorm):
                 return info.dim == 1
             k = len(m.normalized_shape)
@@ -312,49 +309,49 @@ class ChannelNormRule(Rule):
             k = len(norm_shape) if isinstance(norm_shape, (tuple, list)) else 1
         return info.dim >= len(shape) - k
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
         x: Any = node.args[0]
-        if not a.has_channels(x):
+        if not analysis.has_channels(x):
             raise Decline
-        info = a.info[x]
+        info = analysis.info[x]
         assert info is not None
-        if info.width != 1 or not self._normalizes_channels(a, node, info):
+        if info.width != 1 or not self._normalizes_channels(analysis, node, info):
             raise Decline
-        if a.shape(node) != a.shape(x):
+        if analysis.shape(node) != analysis.shape(x):
             raise Decline
         return info
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        if not bool(_mask(a, node, out_needed).any()):
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
+        if not bool(expand_mask(out_needed, analysis.channels(node).size).any()):
             return {}
         return {inp: True for inp in node.all_input_nodes}
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        info = a.info[node]
-        assert info is not None
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        info = analysis.channels(node)
+        x: Any = node.args[0]
         full = torch.arange(info.size)
-        args = fx.node.map_arg(node.args, lambda n: b.value(n, None, fresh=True))
-        kwargs = fx.node.map_arg(node.kwargs, lambda n: b.value(n, None, fresh=True))
+        args = fx.node.map_arg(node.args, lambda n: builder.value(n, None, fresh=True))
+        kwargs = fx.node.map_arg(node.kwargs, lambda n: builder.value(n, None, fresh=True))
         module = None
         if node.op == "call_module":
-            module = shallow_clone(a.module(node))
+            module = shallow_clone(analysis.module(node))
             for pname, p in list(module._parameters.items()):
                 if p is not None:
                     module._parameters[pname] = nn.Parameter(p.detach().clone())
-        new = b.emit(node, args, kwargs, module=module)  # type: ignore[arg-type]
-        if not bool(_mask(a, node, a.nd[node]).any()):
+        new = builder.emit(node, args, kwargs, module=module)
+        if not bool(expand_mask(analysis.nd[node], info.size).any()):
             # only the shape of the output is used: its affine parameters are irrelevant
-            self.fold_scale(b, new, torch.zeros(info.size))
-        elif not bool(a.nz[node.args[0]].any()):  # type: ignore[index]
+            self.fold_scale(builder, new, torch.zeros(info.size))
+        elif not bool(analysis.nz[x].any()):
             # an all-zero input normalizes to zero: the output is the bias alone
-            weight = self._affine(b, new)[0]
+            weight = self._affine(builder, new)[0]
             if weight is not None:
                 with torch.no_grad():
                     weight.zero_()
-        return b.set(node, new, full)
+        return builder.set(node, new, full)
 
-    def _affine(self, b: Builder, node: fx.Node) -> tuple[Any, Any]:
-        module = b.module_of(node)
+    def _affine(self, builder: Builder, node: fx.Node) -> tuple[Any, Any]:
+        module = builder.module_of(node)
         if module is not None:
             return getattr(module, "weight", None), getattr(module, "bias", None)
         if node.op != "call_function":
@@ -363,28 +360,29 @@ class ChannelNormRule(Rule):
         # group_norm(x, groups, weight, bias, eps)
         weight = node.kwargs.get("weight", node.args[2] if len(node.args) > 2 else None)
         bias = node.kwargs.get("bias", node.args[3] if len(node.args) > 3 else None)
-        return b.tensor_of(weight), b.tensor_of(bias)
+        return builder.tensor_of(weight), builder.tensor_of(bias)
 
-    def fold_scale(self, b: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
-        return _scale_affine(*self._affine(b, node), scale)
+    def fold_scale(self, builder: Builder, node: fx.Node, scale: torch.Tensor) -> bool:
+        return _scale_affine(*self._affine(builder, node), scale)
 
 
-def _conv_types() -> tuple[type, ...]:
-    types: list[type] = [nn.Conv1d, nn.Conv2d, nn.Conv3d]
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
+_CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
-        types.append(Conv2dSame)
-    except ImportError:  # pragma: no cover
-        pass
-    return tuple(types)
+
+def _is_plain_conv(module: nn.Module) -> bool:
+    """Whether ``module`` is exactly a torch convolution or timm's ``Conv2dSame``.
+
+    timm is looked at only when a model has already imported it (no import here).
+    """
+    kind = type(module)
+    return kind in _CONV_TYPES or kind is loaded_class("timm.layers.conv2d_same", "Conv2dSame")
 
 
 def _register() -> None:
     # exact types only: subclasses may transform their weights in forward (e.g. weight
     # standardization), which slicing would change; they are traced through instead
-    conv_types = _conv_types()
-    register_module_rule(conv_types, ConvRule(), when=lambda m: type(m) in conv_types)
+    # (timm's Conv2dSame subclasses nn.Conv2d, so the types below reach it)
+    register_module_rule(_CONV_TYPES, ConvRule(), when=_is_plain_conv)
     linear_types = (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
     register_module_rule(nn.Linear, LinearRule(), when=lambda m: type(m) in linear_types)
     bn_types = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -7,19 +7,24 @@ from __future__ import annotations
 import inspect
 import math
 import operator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from captum_chains._utils.optional import loaded_class
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.build import Builder
 from captum_chains.export.rules import (
     ChannelInfo,
     Decline,
     Layout,
+    Mask,
+    Needs,
     Rule,
+    expand_mask,
     register_function_rule,
     register_method_rule,
     register_module_rule,
@@ -42,22 +47,22 @@ class PlaceholderRule(Rule):
 
     name = "input"
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        shape = a.shape(node)
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        shape = analysis.shape(node)
         if shape is None or len(shape) < 3:
             return None
         return ChannelInfo(1, shape[1])
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
         return {}
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
         default = node.args[0] if node.args else inspect.Signature.empty
         kind = None if isinstance(node.type, str) else node.type  # postponed annotations
-        new = b.graph.placeholder(str(node.target), type_expr=kind, default_value=default)
+        new = builder.graph.placeholder(str(node.target), type_expr=kind, default_value=default)
         new.meta = dict(node.meta)
-        info = a.info[node]
-        return b.set(node, new, None if info is None else torch.arange(info.size))
+        info = analysis.info[node]
+        return builder.set(node, new, None if info is None else torch.arange(info.size))
 
 
 class OutputRule(Rule):
@@ -65,8 +70,8 @@ class OutputRule(Rule):
 
     name = "output"
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        b.graph.output(fx.node.map_arg(node.args[0], lambda n: b.value(n, None)))
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        builder.graph.output(fx.node.map_arg(node.args[0], lambda n: builder.value(n, None)))
         return None
 
 
@@ -79,54 +84,56 @@ class GetAttrRule(Rule):
 
     name = "parameter"
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        value = a.attr(str(node.target))
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        value = analysis.attr(str(node.target))
         if isinstance(value, torch.Tensor) and value.ndim == 1:
             return ChannelInfo(0, value.shape[0])
         return None
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        return (a.attr(str(node.target)).detach() != 0).cpu()
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        return (analysis.attr(str(node.target)).detach() != 0).cpu()
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
         return {}
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
         return None  # materialised per consumer by Builder.value
 
 
 # --------------------------------------------------------------------------- per channel
-def _zeros_like_input(a: Analysis, node: fx.Node, x: fx.Node) -> torch.Tensor:
-    shape = a.shape(x)
+def _zeros_like_input(analysis: Analysis, node: fx.Node, x: fx.Node) -> torch.Tensor:
+    shape = analysis.shape(x)
     assert shape is not None
     dtype = getattr(x.meta.get("tensor_meta"), "dtype", torch.float32)
     size = (1, *shape[1:]) if len(shape) > 1 else shape
-    return torch.zeros(size, dtype=dtype, device=a.device)
+    return torch.zeros(size, dtype=dtype, device=analysis.device)
 
 
-def _concrete(a: Analysis, node: fx.Node, x: fx.Node, replacement: torch.Tensor) -> tuple:
+def _concrete(
+    analysis: Analysis, node: fx.Node, x: fx.Node, replacement: torch.Tensor
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
     def conv(arg: Any) -> Any:
         if arg is x:
             return replacement
         if isinstance(arg, fx.Node):
             if arg.op == "get_attr":
-                return a.attr(str(arg.target))
+                return analysis.attr(str(arg.target))
             raise Decline
         return arg
 
     args = fx.node.map_aggregate(node.args, conv)
     kwargs = fx.node.map_aggregate(node.kwargs, conv)
-    return args, kwargs  # type: ignore[return-value]
+    return args, dict(kwargs)
 
 
-def run_on(a: Analysis, node: fx.Node, x: fx.Node, value: torch.Tensor) -> torch.Tensor:
+def run_on(analysis: Analysis, node: fx.Node, x: fx.Node, value: torch.Tensor) -> torch.Tensor:
     """Run ``node``'s operation with ``value`` in place of its input ``x``."""
-    args, kwargs = _concrete(a, node, x, value)
+    args, kwargs = _concrete(analysis, node, x, value)
     kwargs = {k: (False if k == "inplace" else v) for k, v in kwargs.items()}
     with torch.no_grad():
         try:
             if node.op == "call_module":
-                module = a.module(node)
+                module = analysis.module(node)
                 flag = getattr(module, "inplace", None)
                 try:
                     if flag:
@@ -136,7 +143,8 @@ def run_on(a: Analysis, node: fx.Node, x: fx.Node, value: torch.Tensor) -> torch
                     if flag:
                         module.inplace = flag
             if node.op == "call_function":
-                return node.target(*args, **kwargs)  # type: ignore[operator]
+                function = cast(Callable[..., Any], node.target)  # call_function: a callable
+                return function(*args, **kwargs)
             return getattr(args[0], str(node.target))(*args[1:], **kwargs)
         except Decline:
             raise
@@ -160,74 +168,81 @@ class PerChannelRule(Rule):
         self.name = name
         self.spatial = spatial
 
-    def channel_operands(self, a: Analysis, node: fx.Node) -> list[fx.Node]:
+    def channel_operands(self, analysis: Analysis, node: fx.Node) -> list[fx.Node]:
         """1-D parameter vectors read along with the input (functional batch norm)."""
         x = _first(node)
-        size = a.info[x].size if a.has_channels(x) else -1  # type: ignore[union-attr]
+        size = analysis.channels(x).size if analysis.has_channels(x) else -1
         return [
             n
             for n in node.all_input_nodes
-            if n is not x and n.op == "get_attr" and a.has_channels(n) and a.info[n].size == size  # type: ignore[union-attr]
+            if n is not x
+            and n.op == "get_attr"
+            and analysis.has_channels(n)
+            and analysis.channels(n).size == size
         ]
 
-    def out_info(self, a: Analysis, node: fx.Node, info: ChannelInfo) -> ChannelInfo:
-        out = a.shape(node)
-        x = a.shape(_first(node))
+    def out_info(self, analysis: Analysis, node: fx.Node, info: ChannelInfo) -> ChannelInfo:
+        out = analysis.shape(node)
+        x = analysis.shape(_first(node))
         if out is None or x is None or len(out) != len(x) or out[info.dim] != x[info.dim]:
             raise Decline
         return info
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
         x = _first(node)
-        if not a.has_channels(x):
+        if not analysis.has_channels(x):
             raise Decline
-        info = a.info[x]
+        info = analysis.info[x]
         assert info is not None
         if self.spatial and (info.dim != 1 or info.width != 1):
             raise Decline
         for n in node.all_input_nodes:
-            if n is not x and n not in self.channel_operands(a, node) and a.has_channels(n):
+            if (
+                n is not x
+                and n not in self.channel_operands(analysis, node)
+                and analysis.has_channels(n)
+            ):
                 raise Decline
-        out = self.out_info(a, node, info)
+        out = self.out_info(analysis, node, info)
         # constants this operation produces from an all-zero input
-        zero = run_on(a, node, x, _zeros_like_input(a, node, x))
+        zero = run_on(analysis, node, x, _zeros_like_input(analysis, node, x))
         if not isinstance(zero, torch.Tensor) or not bool(torch.isfinite(zero).all()):
             raise Decline
         node.meta["export_zero_nz"] = _channel_any(zero != 0, out)
         return out
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        nz = a.nz[_first(node)] | node.meta["export_zero_nz"]
-        scale = self.input_scale(a, node)
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        nz = analysis.nz[_first(node)] | node.meta["export_zero_nz"]
+        scale = self.input_scale(analysis, node)
         if scale is not None:
-            nz = (a.nz[_first(node)] & (scale != 0)) | node.meta["export_zero_nz"]
+            nz = (analysis.nz[_first(node)] & (scale != 0)) | node.meta["export_zero_nz"]
         return nz
 
-    def input_scale(self, a: Analysis, node: fx.Node) -> torch.Tensor | None:
+    def input_scale(self, analysis: Analysis, node: fx.Node) -> torch.Tensor | None:
         """Per-channel factor on the input (BN's weight); zero means the input is ignored."""
         return None
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
         x = _first(node)
-        mask = out_needed if isinstance(out_needed, torch.Tensor) else None
-        if mask is None:
-            mask = torch.full((a.info[node].size,), bool(out_needed))
-        scale = self.input_scale(a, node)
-        need = {x: mask if scale is None else mask & (scale != 0)}
-        for p in self.channel_operands(a, node):
+        mask = expand_mask(out_needed, analysis.channels(node).size)
+        scale = self.input_scale(analysis, node)
+        need: Needs = {x: mask if scale is None else mask & (scale != 0)}
+        for p in self.channel_operands(analysis, node):
             need[p] = mask
         return need
 
-    def build_input(self, a: Analysis, b: Builder, node: fx.Node) -> tuple[Any, Layout]:
-        layout = a.layout[node]
-        return b.value(_first(node), layout), layout
+    def build_input(
+        self, analysis: Analysis, builder: Builder, node: fx.Node
+    ) -> tuple[Any, Layout]:
+        layout = analysis.layout[node]
+        return builder.value(_first(node), layout), layout
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        x_new, layout = self.build_input(a, b, node)
-        params = set(self.channel_operands(a, node))
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        x_new, layout = self.build_input(analysis, builder, node)
+        params = set(self.channel_operands(analysis, node))
 
         def conv(n: fx.Node) -> Any:
-            return b.value(n, layout) if n in params else b.value(n, None)
+            return builder.value(n, layout) if n in params else builder.value(n, None)
 
         args = (x_new, *fx.node.map_arg(node.args[1:], conv))
         kwargs = dict(fx.node.map_arg(node.kwargs, conv))
@@ -235,7 +250,7 @@ class PerChannelRule(Rule):
             kwargs["inplace"] = False
         module = None
         if node.op == "call_module" and layout is not None:
-            module = self.sliced_module(a, node, layout)
+            module = self.sliced_module(analysis, node, layout)
         target = node.target
         if (
             node.op == "call_method"
@@ -243,14 +258,14 @@ class PerChannelRule(Rule):
             and not str(target).endswith("__")
         ):
             target = str(target)[:-1]
-        new = b.emit(node, args, kwargs, module=module, target=target)
-        return b.set(node, new, layout)
+        new = builder.emit(node, args, kwargs, module=module, target=target)
+        return builder.set(node, new, layout)
 
-    def sliced_module(self, a: Analysis, node: fx.Node, layout: torch.Tensor) -> nn.Module:
+    def sliced_module(self, analysis: Analysis, node: fx.Node, layout: torch.Tensor) -> nn.Module:
         """The module to call for the channels in ``layout`` (parameter-free: a copy)."""
         from captum_chains.export.build import shallow_clone
 
-        return shallow_clone(a.module(node))
+        return shallow_clone(analysis.module(node))
 
 
 def _as_list(value: Any) -> list[Any]:
@@ -265,8 +280,8 @@ def _channel_any(mask: torch.Tensor, info: ChannelInfo) -> torch.Tensor:
 class ReductionRule(PerChannelRule):
     """``mean``/``sum``/``amax``/``amin`` over dimensions other than the channel one."""
 
-    def out_info(self, a: Analysis, node: fx.Node, info: ChannelInfo) -> ChannelInfo:
-        x_shape, out = a.shape(_first(node)), a.shape(node)
+    def out_info(self, analysis: Analysis, node: fx.Node, info: ChannelInfo) -> ChannelInfo:
+        x_shape, out = analysis.shape(_first(node)), analysis.shape(node)
         if x_shape is None or out is None:
             raise Decline
         given: Any = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
@@ -288,74 +303,71 @@ class ScaleRule(Rule):
 
     name = "scores"
 
-    def _scores(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        return a.attr(str(node.args[1].target)).detach().cpu()  # type: ignore[union-attr]
+    def _scores(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        scores = cast(fx.Node, node.args[1])  # the get_attr node of the site's scores
+        return analysis.attr(str(scores.target)).detach().cpu()
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
         x = _first(node)
-        if not a.has_channels(x):
+        if not analysis.has_channels(x):
             raise Decline
-        info = a.info[x]
-        shape = a.shape(x)
+        info = analysis.info[x]
+        shape = analysis.shape(x)
         assert info is not None and shape is not None
-        s = self._scores(a, node)
-        dim = _norm_dim(int(node.args[2]), len(shape))  # type: ignore[arg-type]
+        s = self._scores(analysis, node)
+        dim = _norm_dim(int(cast(int, node.args[2])), len(shape))
         if s.ndim == 1 and (dim != info.dim or info.width != 1 or s.shape[0] != info.size):
             raise Decline
         return info
 
-    def _factor(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        s = self._scores(a, node)
-        size = a.info[node].size  # type: ignore[union-attr]
+    def _factor(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        s = self._scores(analysis, node)
+        size = analysis.channels(node).size
         return s.expand(size) if s.ndim == 0 else s
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        return a.nz[_first(node)] & (self._factor(a, node) != 0)
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        return analysis.nz[_first(node)] & (self._factor(analysis, node) != 0)
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        mask = (
-            out_needed
-            if isinstance(out_needed, torch.Tensor)
-            else torch.full((a.info[node].size,), bool(out_needed))
-        )
-        return {_first(node): mask & (self._factor(a, node) != 0)}
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
+        mask = expand_mask(out_needed, analysis.channels(node).size)
+        return {_first(node): mask & (self._factor(analysis, node) != 0)}
 
-    def reads(self, a: Analysis, node: fx.Node, inp: fx.Node) -> bool:
+    def reads(self, analysis: Analysis, node: fx.Node, inp: fx.Node) -> bool:
         return inp is _first(node)
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
         from captum_chains.export.build import take
 
         x = _first(node)
-        layout = a.layout[node]
-        factor = self._factor(a, node).to(torch.float32)
-        new_x, actual = b.actual(x)
-        producer = _fold_target(a, x)
+        layout = analysis.layout[node]
+        factor = self._factor(analysis, node).to(torch.float32)
+        new_x, actual = builder.actual(x)
+        producer = _fold_target(analysis, x)
         if producer is not None and actual is not None:
-            new_p, actual_p = b.actual(producer)
-            needed = a.nd[node]
+            new_p, actual_p = builder.actual(producer)
+            needed = analysis.nd[node]
             if isinstance(needed, torch.Tensor):  # unread channels may as well be zero
                 factor = factor * needed.to(factor.dtype)
-            if actual_p is not None and a.rule[producer].fold_scale(
-                b, new_p, take(factor, actual_p, 0)
+            if actual_p is not None and analysis.rule[producer].fold_scale(
+                builder, new_p, take(factor, actual_p, 0)
             ):
                 # the producer now outputs the scaled channels (exact zeros where removed);
                 # re-indexing operations between it and the site commute with the scale
-                return b.set(node, new_x, actual)
-        info = a.info[node]
-        shape = a.shape(node)
+                return builder.set(node, new_x, actual)
+        info = analysis.info[node]
+        shape = analysis.shape(node)
         assert info is not None and shape is not None
-        x_val = b.value(x, layout)
+        x_val = builder.value(x, layout)
         module = ChannelScale(take(factor, layout, 0), info.dim, len(shape))
-        name = b.add_module(f"scores.{node.name}", module)
-        return b.set(node, b.graph.call_module(name, (x_val,)), layout)
+        name = builder.add_module(f"scores.{node.name}", module)
+        return builder.set(node, builder.graph.call_module(name, (x_val,)), layout)
 
 
-def _fold_target(a: Analysis, x: fx.Node) -> fx.Node | None:
+def _fold_target(analysis: Analysis, x: fx.Node) -> fx.Node | None:
     """The layer whose weights can absorb scores at ``x``: ``x`` itself, or the node
     before re-indexing operations (permute, reshape, ...), each read only once."""
     node = x
-    while len(node.users) == 1 and a.rule[node].__class__ in _REINDEXING:
+    while len(node.users) == 1 and analysis.rule[node].__class__ in _REINDEXING:
         node = _first(node)
     return node if len(node.users) == 1 and node.op != "get_attr" else None
 
@@ -381,20 +393,20 @@ class BinaryRule(Rule):
             raise Decline
         return node.args[0], node.args[1]
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        out = a.shape(node)
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        out = analysis.shape(node)
         if out is None:
             raise Decline
         found: set[tuple[int, int, int]] = set()
         plain: list[tuple[int, ...]] = []
         for op in self._operands(node):
-            shape = a.shape(op)
+            shape = analysis.shape(op)
             if isinstance(op, fx.Node) and shape is None:
                 raise Decline
             if shape is None:
                 continue
-            if a.has_channels(op):
-                info = a.info[op]
+            if analysis.has_channels(op):
+                info = analysis.info[op]
                 assert info is not None
                 d = info.dim + len(out) - len(shape)
                 if shape[info.dim] != out[d]:
@@ -411,14 +423,14 @@ class BinaryRule(Rule):
                 raise Decline
         return ChannelInfo(d, size, width)
 
-    def _channel_ops(self, a: Analysis, node: fx.Node) -> list[fx.Node]:
-        return [op for op in self._operands(node) if a.has_channels(op)]
+    def _channel_ops(self, analysis: Analysis, node: fx.Node) -> list[fx.Node]:
+        return [op for op in self._operands(node) if analysis.has_channels(op)]
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        size = a.info[node].size  # type: ignore[union-attr]
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        size = analysis.channels(node).size
         ops = self._operands(node)
-        masks = [a.nz[op] for op in ops if a.has_channels(op)]
-        others = [op for op in ops if not a.has_channels(op)]
+        masks = [analysis.nz[op] for op in ops if analysis.has_channels(op)]
+        others = [op for op in ops if not analysis.has_channels(op)]
         if self.kind in (_ADD, _SUB):
             if any(not (isinstance(o, (int, float)) and o == 0) for o in others):
                 return torch.ones(size, dtype=torch.bool)
@@ -428,50 +440,53 @@ class BinaryRule(Rule):
                 return torch.zeros(size, dtype=torch.bool)
             return torch.stack(masks).all(0)
         first = ops[0]
-        return a.nz[first] if a.has_channels(first) else torch.ones(size, dtype=torch.bool)
-
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        size = a.info[node].size
-        mask = (
-            out_needed
-            if isinstance(out_needed, torch.Tensor)
-            else torch.full((size,), bool(out_needed))
+        return (
+            analysis.nz[first]
+            if analysis.has_channels(first)
+            else torch.ones(size, dtype=torch.bool)
         )
-        need: dict[fx.Node, Any] = {}
+
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
+        mask = expand_mask(out_needed, analysis.channels(node).size)
+        need: Needs = {}
         ops = self._operands(node)
         for i, op in enumerate(ops):
             if not isinstance(op, fx.Node):
                 continue
-            if not a.has_channels(op):
+            if not analysis.has_channels(op):
                 need[op] = bool(mask.any())
                 continue
             m = mask
             if self.kind == _MUL:
                 for j, other in enumerate(ops):
-                    if j != i and a.has_channels(other):
-                        m = m & a.nz[other]
+                    if j != i and analysis.has_channels(other):
+                        m = m & analysis.nz[other]
             need[op] = m
         return need
 
-    def reads(self, a: Analysis, node: fx.Node, inp: fx.Node) -> bool:
-        if self.kind != _ADD or not a.has_channels(inp):
+    def reads(self, analysis: Analysis, node: fx.Node, inp: fx.Node) -> bool:
+        if self.kind != _ADD or not analysis.has_channels(inp):
             return True
-        kept = [op for op in self._channel_ops(a, node) if not a.real_empty[op]]
+        kept = [op for op in self._channel_ops(analysis, node) if not analysis.real_empty[op]]
         if kept:
             return inp in kept
-        return inp is self._channel_ops(a, node)[0]
+        return inp is self._channel_ops(analysis, node)[0]
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        layout = a.layout[node]
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        layout = analysis.layout[node]
         ops = list(self._operands(node))
         fill = 1.0 if self.kind == _DIV and bool((layout < 0).all()) else 0.0
         if self.kind == _ADD:
-            kept = [op for op in ops if not a.has_channels(op) or self.reads(a, node, op)]
+            kept = [
+                op for op in ops if not analysis.has_channels(op) or self.reads(analysis, node, op)
+            ]
             if len(kept) == 1:
-                return b.set(node, b.value(kept[0], layout), layout)
+                return builder.set(node, builder.value(kept[0], layout), layout)
             ops = kept
         args = tuple(
-            b.value(op, layout, fill=fill if i == 1 else 0.0) if a.has_channels(op) else b.value(op)
+            builder.value(op, layout, fill=fill if i == 1 else 0.0)
+            if analysis.has_channels(op)
+            else builder.value(op)
             for i, op in enumerate(ops)
         )
         target = node.target
@@ -479,7 +494,7 @@ class BinaryRule(Rule):
             target = _INPLACE_FUNCS[target]
         if node.op == "call_method":
             target = str(target).rstrip("_") if not str(target).endswith("__") else target
-        return b.set(node, b.emit(node, args, {}, target=target), layout)
+        return builder.set(node, builder.emit(node, args, {}, target=target), layout)
 
 
 _INPLACE_FUNCS = {
@@ -502,15 +517,15 @@ class SameChannelsRule(PerChannelRule):
         super().__init__(name)
         self.mapper = mapper
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
         x = _first(node)
-        if not a.has_channels(x):
+        if not analysis.has_channels(x):
             raise Decline
         for n in node.all_input_nodes:
-            if n is not x and a.has_channels(n):
+            if n is not x and analysis.has_channels(n):
                 raise Decline
-        info = a.info[x]
-        x_shape, out = a.shape(x), a.shape(node)
+        info = analysis.info[x]
+        x_shape, out = analysis.shape(x), analysis.shape(node)
         if info is None or x_shape is None or out is None:
             raise Decline
         new = self.mapper(node, info, x_shape, out)
@@ -535,7 +550,7 @@ def _map_flatten(node: fx.Node, info: ChannelInfo, x: tuple, out: tuple) -> Chan
         return None  # handled by FlattenModuleRule
     start = node.args[1] if len(node.args) > 1 else node.kwargs.get("start_dim", 0)
     end = node.args[2] if len(node.args) > 2 else node.kwargs.get("end_dim", -1)
-    return _flatten_info(info, x, int(start), int(end))  # type: ignore[arg-type]
+    return _flatten_info(info, x, int(cast(int, start)), int(cast(int, end)))
 
 
 def _flatten_info(info: ChannelInfo, x: tuple, start: int, end: int) -> ChannelInfo | None:
@@ -642,10 +657,10 @@ class FlattenModuleRule(SameChannelsRule):
     def __init__(self) -> None:
         super().__init__("flatten", None)
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        m = a.module(node)
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        m = analysis.module(node)
         self.mapper = lambda n, info, x, out: _flatten_info(info, x, m.start_dim, m.end_dim)
-        return super().info(a, node)
+        return super().info(analysis, node)
 
 
 class CatRule(Rule):
@@ -660,70 +675,65 @@ class CatRule(Rule):
             raise Decline
         return list(tensors), dim
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
         parts, dim = self._parts(node)
-        out = a.shape(node)
-        if out is None or not all(a.has_channels(p) for p in parts):
+        out = analysis.shape(node)
+        if out is None or not all(analysis.has_channels(p) for p in parts):
             raise Decline
-        infos = [a.info[p] for p in parts]
-        d = infos[0].dim  # type: ignore[union-attr]
-        if any(i.dim != d or i.width != infos[0].width for i in infos):  # type: ignore[union-attr]
+        infos = [analysis.channels(p) for p in parts]
+        d = infos[0].dim
+        if any(i.dim != d or i.width != infos[0].width for i in infos):
             raise Decline
         if _norm_dim(dim, len(out)) == d:
             node.meta["export_cat"] = True
-            total = sum(i.size for i in infos if i is not None)
-            return ChannelInfo(d, total, infos[0].width)  # type: ignore[union-attr]
-        if any(i.size != infos[0].size for i in infos):  # type: ignore[union-attr]
+            total = sum(i.size for i in infos)
+            return ChannelInfo(d, total, infos[0].width)
+        if any(i.size != infos[0].size for i in infos):
             raise Decline
         node.meta["export_cat"] = False
         return infos[0]
 
-    def _offsets(self, a: Analysis, parts: list[fx.Node]) -> list[int]:
+    def _offsets(self, analysis: Analysis, parts: list[fx.Node]) -> list[int]:
         offs, o = [], 0
         for p in parts:
             offs.append(o)
-            o += a.info[p].size  # type: ignore[union-attr]
+            o += analysis.channels(p).size
         return offs
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
         parts, _ = self._parts(node)
         if node.meta["export_cat"]:
-            return torch.cat([a.nz[p] for p in parts])
-        return torch.stack([a.nz[p] for p in parts]).any(0)
+            return torch.cat([analysis.nz[p] for p in parts])
+        return torch.stack([analysis.nz[p] for p in parts]).any(0)
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
         parts, _ = self._parts(node)
-        size = a.info[node].size
-        mask = (
-            out_needed
-            if isinstance(out_needed, torch.Tensor)
-            else torch.full((size,), bool(out_needed))
-        )
+        mask = expand_mask(out_needed, analysis.channels(node).size)
         if not node.meta["export_cat"]:
             return {p: mask for p in parts}
-        offs = self._offsets(a, parts)
-        return {p: mask[o : o + a.info[p].size] for p, o in zip(parts, offs)}
+        offs = self._offsets(analysis, parts)
+        return {p: mask[o : o + analysis.channels(p).size] for p, o in zip(parts, offs)}
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
         parts, dim = self._parts(node)
-        layout = a.layout[node]
+        layout = analysis.layout[node]
         if not node.meta["export_cat"]:
-            new = [b.value(p, layout) for p in parts]
-            return b.set(node, b.graph.call_function(torch.cat, (new, dim)), layout)
-        offs = self._offsets(a, parts)
+            new = [builder.value(p, layout) for p in parts]
+            return builder.set(node, builder.graph.call_function(torch.cat, (new, dim)), layout)
+        offs = self._offsets(analysis, parts)
         pieces, kept = [], []
         for p, o in zip(parts, offs):
-            size = a.info[p].size  # type: ignore[union-attr]
+            size = analysis.channels(p).size
             sel = layout[(layout >= o) & (layout < o + size)] - o
             if sel.numel():
-                pieces.append(b.value(p, sel))
+                pieces.append(builder.value(p, sel))
                 kept.append(sel + o)
         if not pieces:  # only a placeholder channel is needed
-            pieces, kept = [b.value(parts[0], layout)], [layout]
+            pieces, kept = [builder.value(parts[0], layout)], [layout]
         actual = torch.cat(kept)
         if len(pieces) == 1:
-            return b.set(node, pieces[0], actual)
-        return b.set(node, b.graph.call_function(torch.cat, (pieces, dim)), actual)
+            return builder.set(node, pieces[0], actual)
+        return builder.set(node, builder.graph.call_function(torch.cat, (pieces, dim)), actual)
 
 
 class MetaRule(Rule):
@@ -731,16 +741,16 @@ class MetaRule(Rule):
 
     name = "metadata"
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
         return {}
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
         def conv(n: fx.Node) -> Any:
-            return b.actual(n)[0] if a.has_channels(n) else b.value(n)
+            return builder.actual(n)[0] if analysis.has_channels(n) else builder.value(n)
 
         args = fx.node.map_arg(node.args, conv)
         kwargs = fx.node.map_arg(node.kwargs, conv)
-        return b.set(node, b.emit(node, args, kwargs), None)  # type: ignore[arg-type]
+        return builder.set(node, builder.emit(node, args, kwargs), None)
 
 
 class GetItemRule(SameChannelsRule):
@@ -749,25 +759,34 @@ class GetItemRule(SameChannelsRule):
     def __init__(self) -> None:
         super().__init__("getitem", _map_getitem)
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        if not a.has_channels(_first(node)):
-            if a.shape(_first(node)) is None:
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        if not analysis.has_channels(_first(node)):
+            if analysis.shape(_first(node)) is None:
                 return None
             raise Decline
-        return super().info(a, node)
+        return super().info(analysis, node)
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        if not a.has_channels(_first(node)):
-            return Rule.needed(self, a, node, out_needed)
-        return super().needed(a, node, out_needed)
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
+        if not analysis.has_channels(_first(node)):
+            return Rule.needed(self, analysis, node, out_needed)
+        return super().needed(analysis, node, out_needed)
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        if not a.has_channels(_first(node)):
-            return b.copy_node(node)
-        return super().build(a, b, node)
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        if not analysis.has_channels(_first(node)):
+            return builder.copy_node(node)
+        return super().build(analysis, builder, node)
 
 
 # --------------------------------------------------------------------------- registry
+def _is_timm_pool(module: nn.Module) -> bool:
+    """Whether ``module`` is one of timm's ``AvgPool2dSame`` / ``MaxPool2dSame``.
+
+    timm is looked at only when a model has already imported it (no import here).
+    """
+    same = [loaded_class("timm.layers.pool2d_same", n) for n in ("AvgPool2dSame", "MaxPool2dSame")]
+    return any(kind is not None and isinstance(module, kind) for kind in same)
+
+
 def _register() -> None:
     act_modules = (
         nn.Identity,
@@ -821,14 +840,11 @@ def _register() -> None:
         nn.UpsamplingBilinear2d,
     )
     register_module_rule(pools, PerChannelRule("pooling", spatial=True))
-    try:
-        from timm.layers.pool2d_same import AvgPool2dSame, MaxPool2dSame
-
-        register_module_rule(
-            (AvgPool2dSame, MaxPool2dSame), PerChannelRule("pooling", spatial=True)
-        )
-    except ImportError:  # pragma: no cover
-        pass
+    # timm's AvgPool2dSame / MaxPool2dSame (subclasses of the torch pools), recognised
+    # without importing timm
+    register_module_rule(
+        (nn.AvgPool2d, nn.MaxPool2d), PerChannelRule("pooling", spatial=True), when=_is_timm_pool
+    )
     register_module_rule(nn.Flatten, FlattenModuleRule())
 
     elementwise = PerChannelRule("element-wise")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import operator
+import sys
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -25,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from torch import fx, nn
 
+from captum_chains._utils.optional import loaded_class
 from captum_chains.export.rules import is_leaf_type
 from captum_chains.export.runtime import channel_scale
 from captum_chains.units.base import GateSpec, UnitLayer
@@ -47,23 +49,21 @@ Canonicalizer = Callable[[nn.Module], "nn.Module | None"]
 
 
 def _split_timm_bn_act(module: nn.Module) -> nn.Module | None:
-    try:
-        from timm.layers.norm_act import BatchNormAct2d
-    except ImportError:  # pragma: no cover - timm is a dependency
+    batch_norm_act = loaded_class("timm.layers.norm_act", "BatchNormAct2d")  # no timm import
+    if batch_norm_act is None or type(module) is not batch_norm_act:
         return None
-    if type(module) is not BatchNormAct2d:
-        return None
+    fused: Any = module
     bn = nn.BatchNorm2d(
-        module.num_features,
-        eps=module.eps,
-        momentum=module.momentum,
-        affine=module.affine,
-        track_running_stats=module.track_running_stats,
+        fused.num_features,
+        eps=fused.eps,
+        momentum=fused.momentum,
+        affine=fused.affine,
+        track_running_stats=fused.track_running_stats,
     )
-    bn.weight, bn.bias = module.weight, module.bias
-    bn.running_mean, bn.running_var = module.running_mean, module.running_var
-    bn.num_batches_tracked = module.num_batches_tracked
-    return BatchNormAct(OrderedDict(bn=bn, drop=module.drop, act=module.act))
+    bn.weight, bn.bias = fused.weight, fused.bias
+    bn.running_mean, bn.running_var = fused.running_mean, fused.running_var
+    bn.num_batches_tracked = fused.num_batches_tracked
+    return BatchNormAct(OrderedDict(bn=bn, drop=fused.drop, act=fused.act))
 
 
 #: Functions ``unit -> (module name, "output" | "input") or None`` that place a unit
@@ -119,13 +119,18 @@ class _Tracer(fx.Tracer):
     """fx tracer that records where each module call starts and ends."""
 
     def __init__(self) -> None:
-        try:
-            from timm.layers import _fx as timm_fx
+        # timm's no-trace functions and modules; none can be in a model while timm is not
+        # imported, so timm is not imported here
+        autowrap: tuple[Callable[..., Any], ...] = ()
+        self._timm_leaves: tuple[type, ...] = ()
+        if "timm" in sys.modules:
+            try:
+                from timm.layers import _fx as timm_fx
 
-            autowrap = tuple(timm_fx._autowrap_functions)
-            self._timm_leaves = tuple(timm_fx._leaf_modules)
-        except (ImportError, AttributeError):  # pragma: no cover
-            autowrap, self._timm_leaves = (), ()
+                autowrap = tuple(timm_fx._autowrap_functions)
+                self._timm_leaves = tuple(timm_fx._leaf_modules)
+            except (ImportError, AttributeError):  # pragma: no cover
+                autowrap, self._timm_leaves = (), ()
         super().__init__(autowrap_functions=autowrap)
         self.calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]] = {}
         self.leaves: dict[str, nn.Module] = {}
@@ -205,8 +210,8 @@ class _Sites:
             in_node: Any = calls[0][0]
             out_node: Any = calls[0][1]
             if out_node.op == "call_module" and out_node.target == name:
-                in_node = out_node.args[0]  # type: ignore[assignment]
-            return self.resolve(in_node), self.resolve(out_node)  # type: ignore[arg-type]
+                in_node = out_node.args[0]
+            return self.resolve(in_node), self.resolve(out_node)
         leaf = next((n for n in self.tracer.leaves if name.startswith(n + ".")), None)
         if leaf is not None:
             raise ExportError(

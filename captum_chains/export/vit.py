@@ -37,9 +37,19 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from captum_chains._utils.optional import loaded_class
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.build import Builder, shallow_clone
-from captum_chains.export.rules import ChannelInfo, Decline, Layout, Rule, register_module_rule
+from captum_chains.export.rules import (
+    ChannelInfo,
+    Decline,
+    Layout,
+    Mask,
+    Needs,
+    Rule,
+    expand_mask,
+    register_module_rule,
+)
 from captum_chains.export.tracing import CANONICALIZERS, SITE_RESOLVERS
 from captum_chains.units.base import UnitLayer
 from captum_chains.units.vit import MHA_HOOK
@@ -184,11 +194,8 @@ class CanonicalMultiheadAttention(nn.Module):
 
 
 def _timm_attention_type() -> type | None:
-    try:
-        from timm.models.vision_transformer import Attention
-    except ImportError:  # pragma: no cover - timm is a dependency
-        return None
-    return Attention
+    """timm's ViT ``Attention`` class, or None while no model has imported timm."""
+    return loaded_class("timm.models.vision_transformer", "Attention")
 
 
 def canonical_attention(module: Any) -> nn.Module | None:
@@ -240,47 +247,43 @@ class HeadCoreRule(Rule):
     name = "attention heads"
 
     @staticmethod
-    def _width(a: Analysis, node: fx.Node) -> tuple[int, int]:
-        core: Any = a.module(node)
+    def _width(analysis: Analysis, node: fx.Node) -> tuple[int, int]:
+        core: Any = analysis.module(node)
         return int(core.num_heads), int(core.head_dim)
 
-    def info(self, a: Analysis, node: fx.Node) -> ChannelInfo | None:
-        h, d = self._width(a, node)
+    def info(self, analysis: Analysis, node: fx.Node) -> ChannelInfo | None:
+        h, d = self._width(analysis, node)
         x: Any = node.args[0]
-        shape, out = a.shape(x), a.shape(node)
+        shape, out = analysis.shape(x), analysis.shape(node)
         if shape is None or out is None or len(out) != 3:
             raise Decline
-        if a.has_channels(x):
-            info = a.info[x]
+        if analysis.has_channels(x):
+            info = analysis.info[x]
             assert info is not None
             if info.dim != len(shape) - 1 or info.width != 1 or info.size != 3 * h * d:
                 raise Decline
         return ChannelInfo(2, h * d)
 
-    def nonzero(self, a: Analysis, node: fx.Node) -> torch.Tensor:
-        h, d = self._width(a, node)
-        nz = a.nonzero_of(node.args[0])
+    def nonzero(self, analysis: Analysis, node: fx.Node) -> torch.Tensor:
+        h, d = self._width(analysis, node)
+        nz = analysis.nonzero_of(node.args[0])
         if nz is None:
             return torch.ones(h * d, dtype=torch.bool)
         return nz[2 * h * d :].clone()
 
-    def needed(self, a, node, out_needed):  # type: ignore[no-untyped-def]
-        h, d = self._width(a, node)
-        if isinstance(out_needed, bool):
-            out_needed = torch.full((h * d,), out_needed)
-        heads = out_needed.view(h, d).any(1)
+    def needed(self, analysis: Analysis, node: fx.Node, out_needed: Mask) -> Needs:
+        h, d = self._width(analysis, node)
+        heads = expand_mask(out_needed, h * d).view(h, d).any(1)
         if not bool(heads.any()):
             return {}
-        x = node.args[0]
-        result: dict[fx.Node, torch.Tensor | bool] = {
-            inp: True for inp in node.all_input_nodes if inp is not x
-        }
-        result[x] = heads.repeat_interleave(d).repeat(3) if a.has_channels(x) else True
+        x: Any = node.args[0]
+        result: Needs = {inp: True for inp in node.all_input_nodes if inp is not x}
+        result[x] = heads.repeat_interleave(d).repeat(3) if analysis.has_channels(x) else True
         return result
 
-    def build(self, a: Analysis, b: Builder, node: fx.Node) -> Layout:
-        h, d = self._width(a, node)
-        layout = a.layout[node]
+    def build(self, analysis: Analysis, builder: Builder, node: fx.Node) -> Layout:
+        h, d = self._width(analysis, node)
+        layout = analysis.layout[node]
         real = layout[layout >= 0]
         heads = sorted({int(c) // d for c in real.tolist()})
         if not heads:
@@ -289,21 +292,23 @@ class HeadCoreRule(Rule):
         channels = (keep.view(-1, 1) * d + torch.arange(d)).reshape(-1)
         x = node.args[0]
         required = torch.cat([channels + part * h * d for part in range(3)])
-        x_new = b.value(x, required if a.has_channels(x) else None)
-        if not a.has_channels(x):
-            x_new = b.graph.call_method("index_select", (x_new, -1, _long_attr(b, required)))
-        core: Any = shallow_clone(a.module(node))
+        x_new = builder.value(x, required if analysis.has_channels(x) else None)
+        if not analysis.has_channels(x):
+            x_new = builder.graph.call_method(
+                "index_select", (x_new, -1, _long_attr(builder, required))
+            )
+        core: Any = shallow_clone(analysis.module(node))
         core.num_heads = len(heads)
-        rest = fx.node.map_arg(tuple(node.args[1:]), lambda n: b.value(n, None))
-        kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: b.value(n, None))
-        new = b.emit(node, (x_new, *rest), kwargs, module=core)  # type: ignore[arg-type]
-        return b.set(node, new, channels)
+        rest = fx.node.map_arg(tuple(node.args[1:]), lambda n: builder.value(n, None))
+        kwargs = fx.node.map_arg(dict(node.kwargs), lambda n: builder.value(n, None))
+        new = builder.emit(node, (x_new, *rest), kwargs, module=core)
+        return builder.set(node, new, channels)
 
 
-def _long_attr(b: Builder, index: torch.Tensor) -> fx.Node:
-    name = b.unique("vit_head_index")
-    b.root[name] = index.clone()
-    return b.graph.get_attr(name)
+def _long_attr(builder: Builder, index: torch.Tensor) -> fx.Node:
+    name = builder.unique("vit_head_index")
+    builder.root[name] = index.clone()
+    return builder.graph.get_attr(name)
 
 
 def _register() -> None:
