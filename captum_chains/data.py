@@ -13,8 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torchvision.transforms.functional as TF
-from torchvision.transforms import InterpolationMode
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -56,6 +54,9 @@ def preprocess(
     std: Sequence[float] = IMAGENET_STD,
 ) -> torch.Tensor:
     """Resize a ``[3, H, W]`` image in ``[0, 1]`` to ``size x size`` and normalize it."""
+    import torchvision.transforms.functional as TF  # imported on use: a heavy import
+    from torchvision.transforms import InterpolationMode
+
     _check_image(image)
     resized = TF.resize(
         image, [size, size], interpolation=InterpolationMode.BILINEAR, antialias=True
@@ -122,6 +123,9 @@ def local_region(
         raise ValueError(f"n must be a positive number of inputs, got {n}")
     if not 0 < scale[0] <= scale[1] <= 1:
         raise ValueError(f"scale must satisfy 0 < low <= high <= 1, got {scale}")
+    import torchvision.transforms.functional as TF  # imported on use: a heavy import
+    from torchvision.transforms import InterpolationMode
+
     gen = torch.Generator().manual_seed(seed)
     crops = []
     for i in range(n):
