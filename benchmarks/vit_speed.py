@@ -94,7 +94,7 @@ def main() -> None:
         f"ratio {step / floor:.2f}x (medians; first floor pass and first step not counted)"
     )
     if args.export:
-        from captum_chains.export.vit import export_vit
+        from captum_chains.export import export_subnetwork
         from captum_chains.subnetwork import subnetwork_from_mappings
 
         gen = torch.Generator().manual_seed(0)
@@ -105,7 +105,7 @@ def main() -> None:
         gates = {g.name: i % 5 != 3 for i, g in enumerate(structure.gates)}
         sub = subnetwork_from_mappings(model, structure, importance, gates)
         start = time.perf_counter()
-        small = export_vit(sub)
+        small = export_subnetwork(sub, example_inputs=x[:2])
         took = time.perf_counter() - start
         with torch.no_grad():
             diff = float((small(x) - sub(x)).abs().max())
