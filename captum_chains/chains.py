@@ -2,7 +2,9 @@ r"""Filter -> filter chains of a NeuroChains sub-network as a weighted graph.
 
 The NeuroChains paper (Wang, Zhou and Bilmes, TMLR 2022, Sec. 5) reads a chain as
 paths of kept filters, e.g. ``L1B1SC.177 -> L2B1SC.75 -> L3B1C3.818``. This module
-computes those paths from the sub-network's own dataflow on the region's inputs.
+computes those paths from the sub-network's own dataflow on the region's inputs, recorded
+from one forward pass (:mod:`captum_chains.export.recording`; the model need not be
+traceable by ``torch.fx``). It is the package's one chain graph and one path search.
 
 Graph
 -----

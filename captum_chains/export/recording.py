@@ -116,7 +116,7 @@ class _Recorder(TorchFunctionMode):
             self.alive.append(value)
         elif isinstance(value, (tuple, list)):
             for i, v in enumerate(value):
-                if isinstance(v, torch.Tensor):
+                if _has_tensor(v):
                     self.bind(v, self._create("call_function", operator.getitem, (node, i), {}))
 
     def _create(self, op: str, target: Any, args: tuple[Any, ...], kwargs: dict) -> fx.Node:
@@ -137,6 +137,10 @@ class _Recorder(TorchFunctionMode):
             return func(*args, **kwargs)
         mapped = (self.node_of(args), self.node_of(kwargs)) if _has_tensor(args, kwargs) else None
         result = func(*args, **kwargs)
+        if getattr(func, "__name__", "") == "__setitem__" and mapped:
+            # ``x[i] = v`` changes x in place: later readers of x read a set_item node
+            self.bind(args[0], self._create("call_function", set_item, mapped[0], {}))
+            return result
         if not _has_tensor(result):
             return result
         op, target, node_args = _target(func, mapped[0] if mapped else args)
@@ -195,6 +199,14 @@ class _Recorder(TorchFunctionMode):
             handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
             handles.append(module.register_forward_hook(post, with_kwargs=True))
         return handles
+
+
+def set_item(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
+    """``tensor`` with ``tensor[index] = value`` applied, as a new tensor (the recorded
+    form of an item assignment)."""
+    out = tensor.clone()
+    out[index] = value
+    return out
 
 
 def _has_tensor(*values: Any) -> bool:
