@@ -256,10 +256,14 @@ def _add_edges(
             )
         ]
         for ends, other, adjacency in ((src, dst, graph._succ), (dst, src, graph._pred)):
-            perm = torch.argsort(ends, stable=True).numpy()
-            ordered = data[perm].tolist()
-            other_names = label[other.numpy()[perm]].tolist()
-            nodes, counts = torch.unique_consecutive(ends[perm], return_counts=True)
+            if bool((ends[1:] >= ends[:-1]).all()):  # sources come sorted (unless pruned)
+                ordered, other_names = data.tolist(), label[other.numpy()].tolist()
+            else:
+                perm = torch.argsort(ends, stable=True)
+                ends = ends[perm]
+                ordered = data[perm.numpy()].tolist()
+                other_names = label[other[perm].numpy()].tolist()
+            nodes, counts = torch.unique_consecutive(ends, return_counts=True)
             start = 0
             for node, stop in zip(label[nodes.numpy()].tolist(), counts.cumsum(0).tolist()):
                 adjacency[node].update(zip(other_names[start:stop], ordered[start:stop]))
