@@ -1,66 +1,12 @@
-r"""Filter -> filter chains of a NeuroChains sub-network as a weighted graph.
+"""Filter -> filter chains of a NeuroChains sub-network as a weighted graph.
 
-The NeuroChains paper (Wang, Zhou and Bilmes, TMLR 2022, Sec. 5) reads a chain as
-paths of kept filters, e.g. ``L1B1SC.177 -> L2B1SC.75 -> L3B1C3.818``. This module
-computes those paths from the sub-network's own dataflow on the region's inputs, recorded
-from one forward pass (:mod:`captum_chains.export.recording`; the model need not be
-traceable by ``torch.fx``). It is the package's one chain graph and one path search.
-
-Graph
------
-Nodes are the kept units (``layer.index``, e.g. ``layer3.0.conv3.683``) and the logits
-of the target classes (``logit.t``). Unit ``A`` *feeds* unit layer ``B`` when the
-tensor that ``B``'s convolution (or linear layer) reads carries ``A``'s output channels
-through operations that keep channels apart (activations, normalization, pooling,
-residual additions, squeeze-excitation products, reshapes); removed blocks are the
-identity. The edge ``A.c -> B.j`` has weight
-
-.. math::
-
-    w(A.c \to B.j) = s^B_j \; \rho_A(c) \;
-        \mathbb{E}_{x \in R,\, p}\big|\,(W^B_{j,c} \star X^B_c(x))(p)\,\big|,
-
-the mean absolute part of ``B.j``'s response (its convolution output before
-normalization, at every position ``p`` and region input ``x``) that flows through input
-channel ``c``, times ``B.j``'s score. ``X^B`` is the input of ``B`` in the sub-network.
-By linearity this equals the change of ``B.j``'s response when channel ``c`` is zeroed.
-When several kept layers write channel ``c`` into a residual stream, the flow is split
-between them in proportion to their mean absolute outputs at their score sites,
-``\rho_A(c) = E|Y^A_c| / \sum_{A'} E|Y^{A'}_c|`` (``\rho = 1`` for a single writer).
-
-The last kept layers feed the logits through the classifier head. Their edge weight is
-the mean absolute change of logit ``t`` when channel ``c`` of the head's input is zeroed
-(again times ``\rho``); for a linear head this is exactly ``E|W_{t,c} X_c|``.
-
-Units wider than one channel (a ViT attention head holds ``head_dim`` channels,
-``UnitLayer.unit_width``) are read, zeroed and split by ``\rho`` as whole groups of
-channels; a head's response is its part of the attention output (``HeadCore`` in the
-export's trace), and means run over the head's channels too.
-
-Mixing layers. Some units reach the next unit layer only through a linear layer that is
-not a unit layer and mixes channels: a head's output goes through the attention's
-``proj`` into the residual stream, which the next ``fc1`` (or ``qkv``) reads after a
-LayerNorm; an MLP neuron goes through ``fc2``. Then ``B`` reads no channel of ``A`` and
-the edge weight is the response form of the formula above,
-
-.. math::
-
-    w(A.a \to B.j) = s^B_j \; \rho_A(a) \;
-        \mathbb{E}_{x \in R,\, p}\big|\,R^B_j(X^B(x))(p) - R^B_j(X^B_{-A.a}(x))(p)\,\big|,
-
-where ``R^B_j`` is ``B.j``'s response (for a linear ``B`` this is
-``E|W^B_j (X^B - X^B_{-A.a})|``, the part of the response that flows from ``A.a``) and
-``X^B_{-A.a}`` is ``B``'s input recomputed with ``A.a``'s channels zeroed at the mixing
-layer's input while every other unit's score site keeps its value: only the direct flow
-through non-unit operations (projection, residual additions, LayerNorm) counts, as for
-aligned edges. Layers that read ``A``'s channels aligned are measured by the first
-formula only.
-
-Paths
------
-:func:`strongest_paths` ranks input-to-output paths by the product of edge
-*fractions* ``w(i -> j) / sum_i' w(i' -> j)``: the share of each node's incoming flow
-that the path carries.
+The package's one chain graph (:func:`chain_graph`, ``Chain.graph()``) and one path search
+(:func:`strongest_paths`, :func:`strongest_path_list`): nodes are kept units and target
+logits, edges the flow of each unit into the next kept layers on the region, measured on
+the sub-network's own dataflow recorded from one forward pass
+(:mod:`captum_chains.export.recording`; no ``torch.fx`` tracing of the model). The edge
+weights, the stream split and the path strengths are defined in ``docs/export.md``
+("Chains as a graph").
 """
 
 from __future__ import annotations
