@@ -13,7 +13,16 @@ import threading
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
 
+import torch
+
 HookFn = TypeVar("HookFn", bound=Callable[..., Any])
+
+
+def _compiling() -> bool:
+    """Whether torch.compile is tracing the current call (False on torch without it)."""
+    compiler = getattr(torch, "compiler", None)
+    check = getattr(compiler, "is_compiling", None)
+    return bool(check()) if check is not None else False
 
 
 def this_thread_only(hook: HookFn, module: object | None = None) -> HookFn:
@@ -28,7 +37,11 @@ def this_thread_only(hook: HookFn, module: object | None = None) -> HookFn:
 
     @functools.wraps(hook)
     def guarded(*args: Any, **kwargs: Any) -> Any:
-        if threading.get_ident() != owner or (module is not None and args[0] is not module):
+        # inside torch.compile the owner traces its own compiled forward: no thread check
+        # (it would break the graph at every hook)
+        if not _compiling() and threading.get_ident() != owner:
+            return None
+        if module is not None and args[0] is not module:
             return None
         return hook(*args, **kwargs)
 
