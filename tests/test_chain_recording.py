@@ -112,6 +112,48 @@ def test_recording_gives_every_tensor_operation_a_target_with_an_export_rule():
     torch.testing.assert_close(gm(x), Ops()(x))
 
 
+@pytest.mark.parametrize("family", ["plain", "residual"])
+def test_one_recorded_pass_gives_discoverys_trace_and_the_graph(family, monkeypatch):
+    from captum_chains.export import recording as recording_module
+    from captum_chains.units.trace import trace_forward
+
+    model = make_model(family, width=4, seed=4)
+    x = make_inputs(n=2, size=8, seed=4)
+    work = working_copy(model)
+    traces = []
+
+    def spy(*args, **kwargs):
+        traces.append(trace_forward(*args, **kwargs))
+        return traces[-1]
+
+    runs = []
+    work.register_forward_hook(lambda *_: runs.append(1))
+    monkeypatch.setattr(recording_module, "trace_forward", spy)
+    gm, recording = record(work, (x,))
+    assert len(traces) == 1 and len(runs) == 1  # one pass, both views
+    trace = traces[0]
+
+    # the graph view leaves discovery's view as it is without it
+    def summary(t):
+        calls = {
+            n: [(c.start, c.end, c.input_shape, c.output_shape) for c in cs]
+            for n, cs in t.calls.items()
+        }
+        return calls, [(f.op, f.index, len(f.operand_ids)) for f in t.functions]
+
+    assert summary(trace) == summary(trace_forward(working_copy(model), (x,)))
+    # the two views agree on the module calls
+    assert {n: len(c) for n, c in recording.calls.items()} == {
+        n: len(c) for n, c in trace.calls.items()
+    }
+    leaf_calls = sorted(
+        (c for n in recording.leaves for c in trace.calls[n]), key=lambda c: c.start
+    )
+    called = [str(n.target) for n in gm.graph.nodes if n.op == "call_module"]
+    assert called == [c.name for c in leaf_calls]
+    torch.testing.assert_close(gm(x), trace.output)
+
+
 # ----------------------------------------------------------------------------- graph
 @pytest.mark.parametrize(
     ("family", "close"),

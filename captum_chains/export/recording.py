@@ -1,7 +1,7 @@
 """Record one real forward pass of a model as a ``torch.fx`` graph, without symbolic tracing.
 
-:func:`record` runs the model once on real inputs with forward (pre-)hooks on every
-module and a :class:`torch.overrides.TorchFunctionMode`, and writes what ran into an
+:func:`record` runs the model once on real inputs through the package's one model reader
+(:func:`captum_chains.units.trace.trace_forward`) and writes what ran into an
 ``fx.Graph``: leaf modules (the same leaves as :func:`captum_chains.export.tracing.trace`)
 become ``call_module`` nodes, tensor functions and methods between them
 ``call_function`` / ``call_method`` nodes with the targets symbolic tracing would give
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 from torch import fx, nn
-from torch.overrides import TorchFunctionMode
 
 from captum_chains.export.tracing import ExportError, _Tracer
+from captum_chains.units.trace import trace_forward
 
 #: Tensor dunder methods and the ``operator`` functions symbolic tracing records for
 #: them; ``True`` marks reflected forms (``2 * x`` calls ``x.__rmul__(2)``).
@@ -67,13 +67,15 @@ class Recording:
         self.leaves: dict[str, nn.Module] = {}
 
 
-class _Recorder(TorchFunctionMode):
-    """Writes every tensor operation outside leaf modules into ``graph``."""
+class _GraphView:
+    """The ``fx.Graph`` view of a traced pass: every tensor operation outside leaf modules."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph) -> None:
-        super().__init__()
+    def __init__(self, root: nn.Module, graph: fx.Graph, recording: Recording) -> None:
         self.root = root
         self.graph = graph
+        self.recording = recording
+        tracer = _Tracer()
+        self.leaf = {n: tracer.is_leaf_module(m, n) for n, m in root.named_modules() if n}
         self.env: dict[int, fx.Node] = {}
         self.alive: list[Any] = []  # recorded tensors stay alive: ids are never reused
         self.named = {id(t): n for n, t in root.named_parameters(remove_duplicate=False)}
@@ -124,81 +126,60 @@ class _Recorder(TorchFunctionMode):
         node.meta["nn_module_stack"] = {name: (name, kind) for name, kind in self.stack}
         return node
 
-    # ------------------------------------------------------------------ functions
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
-    ) -> Any:
-        kwargs = kwargs or {}
+    # ------------------------------------------------------------------ the view
+    def function(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        """Write ``result = func(*args, **kwargs)`` as a node, unless inside a leaf."""
         if self.leaf_depth:
-            return func(*args, **kwargs)
+            return
         mapped = (self.node_of(args), self.node_of(kwargs)) if _has_tensor(args, kwargs) else None
-        result = func(*args, **kwargs)
         if getattr(func, "__name__", "") == "__setitem__" and mapped:
             # ``x[i] = v`` changes x in place: later readers of x read a set_item node
             self.bind(args[0], self._create("call_function", set_item, mapped[0], {}))
-            return result
+            return
         if not _has_tensor(result):
-            return result
+            return
         op, target, node_args = _target(func, mapped[0] if mapped else args)
         node_kwargs = mapped[1] if mapped else kwargs
         self.bind(result, self._create(op, target, tuple(node_args), dict(node_kwargs)))
-        return result
 
-    # ------------------------------------------------------------------ modules
-    def hooks(self, tracer: _Tracer, recording: Recording) -> list[Any]:
-        """Forward (pre-)hooks on every module of ``root`` that record module calls."""
-        handles = []
-        pending: dict[int, list[tuple[Any, Any, bool]]] = {}
-        for name, module in self.root.named_modules():
-            if not name:
-                continue
-            leaf = tracer.is_leaf_module(module, name)
+    def module_pre(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Any, Any, bool]:
+        """Note where the call of ``name`` starts; a leaf's arguments become its node's."""
+        inside = self.leaf_depth > 0
+        leaf = self.leaf[name]
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        in_node = None if inside or first is None else self.node_of(first)
+        mapped = None if inside or not leaf else (self.node_of(args), self.node_of(kwargs))
+        if inside or leaf:
+            self.leaf_depth += 1
+        if not inside:
+            self.stack.append((name, type(module)))
+        return in_node, mapped, inside
 
-            def pre(
-                mod: nn.Module, args: tuple, kwargs: dict, name: str = name, leaf: bool = leaf
-            ) -> None:
-                inside = self.leaf_depth > 0
-                first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-                in_node = None if inside or first is None else self.node_of(first)
-                mapped = None if inside or not leaf else (self.node_of(args), self.node_of(kwargs))
-                pending.setdefault(id(mod), []).append((in_node, mapped, inside))
-                if inside or leaf:
-                    self.leaf_depth += 1
-                if not inside:
-                    self.stack.append((name, type(mod)))
-
-            def post(
-                mod: nn.Module,
-                args: tuple,
-                kwargs: dict,
-                output: Any,
-                name: str = name,
-                leaf: bool = leaf,
-            ) -> None:
-                in_node, mapped, inside = pending[id(mod)].pop()
-                if inside or leaf:
-                    self.leaf_depth -= 1
-                if inside:
-                    return
-                self.stack.pop()
-                if leaf:
-                    node = self._create("call_module", name, *mapped)
-                    self.bind(output, node)
-                    recording.leaves[name] = mod
-                    out_node: fx.Node | None = node
-                elif isinstance(output, torch.Tensor):
-                    out_node = self.env.get(id(output))
-                else:
-                    out_node = None
-                recording.calls.setdefault(name, []).append((in_node, out_node))
-
-            handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-            handles.append(module.register_forward_hook(post, with_kwargs=True))
-        return handles
+    def module_post(
+        self, token: tuple[Any, Any, bool], name: str, module: nn.Module, output: Any
+    ) -> None:
+        """Record the call of ``name``: a ``call_module`` node for a leaf."""
+        in_node, mapped, inside = token
+        leaf = self.leaf[name]
+        if inside or leaf:
+            self.leaf_depth -= 1
+        if inside:
+            return
+        self.stack.pop()
+        if leaf:
+            node = self._create("call_module", name, *mapped)
+            self.bind(output, node)
+            self.recording.leaves[name] = module
+            out_node: fx.Node | None = node
+        elif isinstance(output, torch.Tensor):
+            out_node = self.env.get(id(output))
+        else:
+            out_node = None
+        self.recording.calls.setdefault(name, []).append((in_node, out_node))
 
 
 def set_item(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
@@ -256,23 +237,18 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.Graph
         The ``fx.GraphModule`` and the :class:`Recording` of its module calls.
     """
     graph = fx.Graph()
-    recorder = _Recorder(model, graph)
     recording = Recording()
+    view = _GraphView(model, graph, recording)
     for i, x in enumerate(inputs):
-        recorder.bind(x, graph.placeholder(f"input_{i}"))
-    handles = recorder.hooks(_Tracer(), recording)
+        view.bind(x, graph.placeholder(f"input_{i}"))
     try:
-        with torch.no_grad(), recorder:
-            output = model(*inputs)
+        output = trace_forward(model, inputs, view=view).output
     except Exception as err:
-        where = recorder.stack[-1][0] if recorder.stack else type(model).__name__
+        where = view.stack[-1][0] if view.stack else type(model).__name__
         raise ExportError(
             f"recording the forward pass failed in {where!r} ({type(err).__name__}: {err})"
         ) from err
-    finally:
-        for h in handles:
-            h.remove()
-    graph.output(recorder.node_of(output))
+    graph.output(view.node_of(output))
     return fx.GraphModule(model, graph), recording
 
 

@@ -1,16 +1,20 @@
-"""One instrumented forward pass that records the model's dataflow.
+"""The one reader of a model: an instrumented forward pass that records its dataflow.
 
-Module calls are recorded with forward (pre-)hooks; functional additions and layout
-operations (``x + y``, ``out += identity``, ``permute``) are recorded with a
-:class:`torch.overrides.TorchFunctionMode`. Tensors are identified by Python identity
-and kept alive for the duration of the trace, so identities cannot be reused.
+:func:`trace_forward` runs the model once with forward (pre-)hooks on every module and a
+:class:`torch.overrides.TorchFunctionMode` that sees every torch function call between
+them. What ran is given two views: the :class:`Trace` that unit discovery reads (module
+calls, additions and layout operations such as ``out += identity`` or ``permute``), and
+any :class:`TraceView` passed in, which is told of every module call and function call
+as it happens (:func:`captum_chains.export.recording.record` writes them into an
+``fx.Graph``). Tensors are identified by Python identity and kept alive for the duration
+of the trace, so identities cannot be reused.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -84,14 +88,68 @@ class Trace:
         return None
 
 
-class _Recorder(TorchFunctionMode):
-    def __init__(self, trace: Trace, counter: Callable[[], int]) -> None:
-        super().__init__()
-        self.trace = trace
-        self.counter = counter
+class TraceView(Protocol):
+    """A second view of the traced pass, told of each call as it happens."""
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        result = func(*args, **(kwargs or {}))
+    def module_pre(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """Module ``name`` is called; the returned token is given back to ``module_post``."""
+
+    def module_post(self, token: Any, name: str, module: nn.Module, output: Any) -> None:
+        """The call of module ``name`` that ``module_pre`` returned ``token`` for returned."""
+
+    def function(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        """The torch function ``func(*args, **kwargs)`` ran and returned ``result``."""
+
+
+class _Recorder(TorchFunctionMode):
+    """Forward (pre-)hooks and a torch function mode writing one pass into its views."""
+
+    def __init__(self, view: TraceView | None) -> None:
+        super().__init__()
+        self.trace = Trace()
+        self.view = view
+        self.count = 0
+        self.pending: dict[int, list[tuple[ModuleCall, Any]]] = {}
+
+    def tick(self) -> int:
+        """The next event index."""
+        self.count += 1
+        return self.count
+
+    def pre(self, name: str, mod: nn.Module, args: tuple[Any, ...], kwargs: dict) -> None:
+        """Forward pre-hook of module ``name`` (with kwargs)."""
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        call = ModuleCall(name=name, module=mod, start=self.tick())
+        if first is not None:
+            self.trace.keep_alive.append(first)
+            call.input_id, call.input_shape = id(first), tuple(first.shape)
+        self.trace.calls.setdefault(name, []).append(call)
+        token = None if self.view is None else self.view.module_pre(name, mod, args, kwargs)
+        self.pending.setdefault(id(mod), []).append((call, token))
+
+    def post(self, name: str, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Forward hook of module ``name`` (with kwargs)."""
+        call, token = self.pending[id(mod)].pop()
+        call.end = self.tick()
+        if isinstance(output, torch.Tensor):
+            self.trace.keep_alive.append(output)
+            call.output_id, call.output_shape = id(output), tuple(output.shape)
+        if self.view is not None:
+            self.view.module_post(token, name, mod, output)
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        kwargs = kwargs or {}
+        result = func(*args, **kwargs)
         op = getattr(func, "__name__", "")
         if op in _ADD_OPS or op in _LAYOUT_OPS:
             operands = tuple(id(a) for a in args if isinstance(a, torch.Tensor))
@@ -99,67 +157,53 @@ class _Recorder(TorchFunctionMode):
             if isinstance(result, torch.Tensor):
                 self.trace.keep_alive.append(result)
             self.trace.functions.append(
-                FunctionCall(op, self.counter(), operands, out_id, tuple(args[1:]))
+                FunctionCall(op, self.tick(), operands, out_id, tuple(args[1:]))
             )
+        if self.view is not None:
+            self.view.function(func, args, kwargs, result)
         return result
 
 
-def _first_tensor(values: Sequence[Any]) -> torch.Tensor | None:
-    for v in values:
-        if isinstance(v, torch.Tensor):
-            return v
-    return None
-
-
 def trace_forward(
-    model: nn.Module, inputs: tuple[torch.Tensor, ...], additional_args: tuple[Any, ...] = ()
+    model: nn.Module,
+    inputs: tuple[torch.Tensor, ...],
+    additional_args: tuple[Any, ...] = (),
+    view: TraceView | None = None,
 ) -> Trace:
     """Run ``model(*inputs, *additional_args)`` once under no_grad and record its dataflow.
 
     The caller is responsible for the model's mode (see
     :func:`captum_chains._utils.model_state.eval_mode`). All hooks are removed before
     this function returns, also when the forward pass raises.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; every submodule gets forward (pre-)hooks acting in this thread only.
+    inputs : tuple of Tensor
+        The inputs of the pass.
+    additional_args : tuple, optional
+        Further positional arguments of the model.
+    view : TraceView, optional
+        A second view of the same pass, told of every module and torch function call.
+
+    Returns
+    -------
+    Trace
+        The module calls, additions and layout operations of the pass, and its output.
     """
-    trace = Trace()
-    count = [0]
-
-    def tick() -> int:
-        count[0] += 1
-        return count[0]
-
-    pending: dict[int, list[ModuleCall]] = {}
+    recorder = _Recorder(view)
     handles = []
-
-    def make_hooks(name: str, module: nn.Module):
-        def pre(mod: nn.Module, args: tuple[Any, ...]) -> None:
-            first = _first_tensor(args)
-            call = ModuleCall(name=name, module=mod, start=tick())
-            if first is not None:
-                trace.keep_alive.append(first)
-                call.input_id, call.input_shape = id(first), tuple(first.shape)
-            trace.calls.setdefault(name, []).append(call)
-            pending.setdefault(id(mod), []).append(call)
-
-        def post(mod: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            call = pending[id(mod)].pop()
-            call.end = tick()
-            out = output if isinstance(output, torch.Tensor) else None
-            if out is not None:
-                trace.keep_alive.append(out)
-                call.output_id, call.output_shape = id(out), tuple(out.shape)
-
-        return pre, post
-
     try:
         for name, module in model.named_modules():
-            if not name:
-                continue
-            pre, post = make_hooks(name, module)
-            handles.append(module.register_forward_pre_hook(this_thread_only(pre)))
-            handles.append(module.register_forward_hook(this_thread_only(post)))
-        with torch.no_grad(), _Recorder(trace, tick):
-            trace.output = model(*inputs, *additional_args)
+            if name:
+                pre = this_thread_only(functools.partial(recorder.pre, name))
+                post = this_thread_only(functools.partial(recorder.post, name))
+                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                handles.append(module.register_forward_hook(post, with_kwargs=True))
+        with torch.no_grad(), recorder:
+            recorder.trace.output = model(*inputs, *additional_args)
     finally:
         for h in handles:
             h.remove()
-    return trace
+    return recorder.trace
