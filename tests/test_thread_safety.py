@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -34,6 +35,26 @@ def _in_threads(jobs: list[Callable[[], Any]]) -> list[Any]:
     for t in threads:
         t.join(timeout=300)
     return results
+
+
+@contextmanager
+def _used_by_another_thread(model: torch.nn.Module) -> Iterator[None]:
+    """While open, another thread runs ``model`` inside ``eval_mode``."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with eval_mode(model):
+            inside.set()
+            release.wait(timeout=60)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    try:
+        assert inside.wait(timeout=60)
+        yield
+    finally:
+        release.set()
+        thread.join(timeout=60)
 
 
 def _extract(model: torch.nn.Module, x: torch.Tensor):
@@ -90,24 +111,11 @@ def test_a_training_mode_model_is_refused_to_a_second_thread_never_corrupted() -
     model = make_model("plain", width=4, seed=4).train()
     x = make_inputs(n=4, seed=5)
     snapshot = ModelSnapshot.take(model)
-    inside, release = threading.Event(), threading.Event()
-
-    def holder() -> None:
-        with eval_mode(model):
-            assert not model.training
-            inside.set()
-            release.wait(timeout=60)
-
-    thread = threading.Thread(target=holder)
-    thread.start()
-    try:
-        assert inside.wait(timeout=60)
+    with _used_by_another_thread(model):
+        assert not model.training  # the other thread switched it to eval mode
         with pytest.raises(ConcurrentUseError, match=r"model\.eval\(\)"):
             _extract(model, x)
         assert not model.training  # still the holder's eval mode: nothing was undone under it
-    finally:
-        release.set()
-        thread.join(timeout=60)
     assert model.training
     snapshot.assert_unchanged(model)
     # alone, the same call works and leaves the model in training mode
@@ -143,22 +151,8 @@ def test_a_cast_subnetwork_refuses_to_swap_tensors_under_another_thread() -> Non
     x = make_inputs(n=4, seed=10)
     sub = _extract(model, x).subnetwork
     sub.double()
-    inside, release = threading.Event(), threading.Event()
-
-    def other_user() -> None:
-        with eval_mode(model):
-            inside.set()
-            release.wait(timeout=60)
-
-    thread = threading.Thread(target=other_user)
-    thread.start()
-    try:
-        assert inside.wait(timeout=60)
-        with pytest.raises(ConcurrentUseError, match="another thread"):
-            sub(x.double())
-    finally:
-        release.set()
-        thread.join(timeout=60)
+    with _used_by_another_thread(model), pytest.raises(ConcurrentUseError, match="another thread"):
+        sub(x.double())
     assert sub(x.double()).dtype == torch.float64  # alone, it runs
 
 
