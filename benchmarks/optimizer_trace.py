@@ -66,7 +66,10 @@ def plot(rows: list[dict], path: Path) -> None:
         steps = range(1, len(row["objective"]) + 1)
         left.plot(steps, row["objective"], label=f"{row['run']} ({row['seconds']:.0f} s)")
         right.plot(steps, [100 * k / row["total"] for k in row["kept_by_step"]], label=row["run"])
-    left.set(xlabel="step", ylabel="Eq. 8 objective", yscale="log", title="objective")
+    # the gate penalty is linear in alpha, so the objective goes below 0 once gates close
+    left.set(xlabel="step", ylabel="Eq. 8 objective", title="objective")
+    left.set_yscale("symlog", linthresh=1.0)
+    left.axhline(0.0, color="0.7", lw=0.8)
     right.set(xlabel="step", ylabel="units with score >= tau (%)", title="kept units")
     left.legend()
     right.legend()
@@ -79,7 +82,14 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=20)
     parser.add_argument("--runs", nargs="+", default=["default", "paper"])
     parser.add_argument("--out", default=str(RESULTS / "optimizer_trace.jsonl"))
+    parser.add_argument(
+        "--plot-only", action="store_true", help="redraw the figure from the last two rows"
+    )
     args = parser.parse_args()
+    if args.plot_only:
+        rows = [json.loads(line) for line in Path(args.out).read_text().splitlines()[-2:]]
+        plot(rows, Path(args.out).with_suffix(".png"))
+        return
     torch.set_num_threads(1)
     model = load_efficientnet_lite0()
     inputs = local_region([sample_photo("chelsea"), sample_photo("coffee")], n=args.n, seed=0)
