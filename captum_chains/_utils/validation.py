@@ -109,31 +109,35 @@ def check_conv_rank(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
 
 
 @overload
-def format_target(target: None, n: int, num_classes: int) -> None: ...
+def format_target(target: None, n: int, num_classes: int | None = None) -> None: ...
 @overload
 def format_target(
-    target: int | tuple | torch.Tensor | list, n: int, num_classes: int
+    target: int | tuple | torch.Tensor | list, n: int, num_classes: int | None = None
 ) -> torch.Tensor: ...
-def format_target(target: TargetType, n: int, num_classes: int) -> torch.Tensor | None:
-    """Turn a Captum-style target into a LongTensor ``[n]`` of class indices (or None).
+def format_target(
+    target: TargetType, n: int, num_classes: int | None = None
+) -> torch.Tensor | None:
+    """Turn a Captum-style class target into a LongTensor ``[n]`` (or None), on the CPU.
 
-    Accepted: ``None``; an int (same class for every input); a 0-d or ``[n]`` tensor; a list
-    of ``n`` ints. Tuples address multi-dimensional outputs in Captum and are rejected here
-    because NeuroChains needs ``[N, C]`` logits.
+    Accepted: ``None``; an int (same class for every input); a 0-d, one-element or ``[n]``
+    tensor; a list of ``n`` ints. Tuples address multi-dimensional outputs in Captum and are
+    rejected: the methods that use this need ``[N, C]`` scores. With ``num_classes`` given,
+    class indices are range-checked.
     """
     if target is None:
         return None
     if isinstance(target, tuple):
         raise ValueError(
-            "tuple targets address multi-dimensional outputs; NeuroChains needs [N, C] logits, "
-            "so pass an int, a list of ints or a tensor of class indices"
+            f"tuple target {target} addresses a multi-dimensional output; this method needs "
+            "[N, C] scores, so pass an int, a list of ints or a tensor of class indices (or "
+            "select the score inside the forward function)"
         )
     if isinstance(target, bool):
         raise TypeError("target must be an int, a list of ints or a tensor, not a bool")
     if isinstance(target, int):
         indices = torch.full((n,), target, dtype=torch.long)
     elif isinstance(target, torch.Tensor):
-        if target.is_floating_point():
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target tensor must hold integer class indices, got {target.dtype}")
         indices = target.reshape(-1).long().cpu()
         if indices.numel() == 1:
@@ -148,12 +152,13 @@ def format_target(target: TargetType, n: int, num_classes: int) -> torch.Tensor 
         )
     if indices.numel() != n:
         raise ValueError(f"target has {indices.numel()} entries but there are {n} inputs")
-    bad = indices[(indices < 0) | (indices >= num_classes)]
-    if bad.numel():
-        raise ValueError(
-            f"target class {int(bad[0])} is out of range for a model with {num_classes} classes "
-            f"(valid: 0..{num_classes - 1})"
-        )
+    if num_classes is not None:
+        bad = indices[(indices < 0) | (indices >= num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"target class {int(bad[0])} is out of range for a model with {num_classes} "
+                f"classes (valid: 0..{num_classes - 1})"
+            )
     return indices
 
 

@@ -17,6 +17,11 @@ from typing import Any, cast
 import torch
 from captum.attr import PerturbationAttribution
 
+from captum_chains._utils.validation import (
+    format_additional_args,
+    format_inputs,
+    format_target,
+)
 from captum_chains.interactions.config import InteractionConfig, normalise_overrides
 from captum_chains.interactions.evaluate import chunk_size, evaluate_values
 from captum_chains.interactions.optimize import (
@@ -32,7 +37,7 @@ from captum_chains.interactions.players import (
     validate_players,
 )
 from captum_chains.interactions.result import InteractionResult
-from captum_chains.interactions.values import TargetType, ValueFn, format_target, resolve_value
+from captum_chains.interactions.values import TargetType, ValueFn, resolve_value
 
 # float64 values + float32 parameters, Adam moments, gradients and intermediates
 _BYTES_PER_ENTRY = 128
@@ -122,23 +127,14 @@ class InteractionPrimitives(PerturbationAttribution):
         """
         cfg = self._config(config, normalise_overrides(overrides))
         value_fn = self.value_fn if cfg.value is None else resolve_value(cfg.value)
-        inps = (inputs,) if isinstance(inputs, torch.Tensor) else tuple(inputs)
-        if not inps or not all(isinstance(x, torch.Tensor) for x in inps):
-            raise TypeError("inputs must be a tensor or a tuple of tensors")
-        batch = inps[0].shape[0] if inps[0].dim() > 0 else 0
-        if batch < 1 or any(x.dim() == 0 or x.shape[0] != batch for x in inps):
-            shapes = [tuple(x.shape) for x in inps]
-            raise ValueError(f"inputs must share a batch dimension >= 1; got shapes {shapes}")
+        inps = format_inputs(tuple(inputs) if isinstance(inputs, list) else inputs, strict=False)
+        batch = inps[0].shape[0]
         players = validate_players(inps, feature_mask)
         self._check_size(players.n, batch, cfg.max_players, cfg.memory_budget_mb)
         bases = resolve_baselines(inps, baselines)
-        tgt = format_target(target, batch, inps[0].device)
-        if additional_forward_args is None:
-            extra: tuple[Any, ...] = ()
-        elif isinstance(additional_forward_args, tuple):
-            extra = additional_forward_args
-        else:
-            extra = (additional_forward_args,)
+        tgt = format_target(target, batch)
+        tgt = None if tgt is None else tgt.to(inps[0].device)
+        extra = format_additional_args(additional_forward_args)
         chunk = chunk_size(inps, cfg.memory_budget_mb, cfg.batch_size)
         out = []
         for name, f in zip(self.model_names, self.forward_funcs, strict=True):

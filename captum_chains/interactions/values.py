@@ -118,32 +118,3 @@ def resolve_value(value: str | ValueFn) -> ValueFn:
     if isinstance(value, str) and value in _VALUES:
         return _VALUES[value]
     raise ValueError(f"unknown value {value!r}; use one of {VALUE_NAMES} or a callable")
-
-
-def format_target(target: TargetType, batch: int, device: torch.device) -> torch.Tensor | None:
-    """Captum target formats as one int64 class index per sample (``[B]``) or ``None``.
-
-    Accepts ``None``, an int, a 0-d/1-element tensor, or a list/tensor of ``B`` ints.
-    Tuple targets (for multi-dimensional outputs) are not supported: select the score
-    inside ``forward_func`` instead.
-    """
-    if target is None:
-        return None
-    if isinstance(target, tuple):
-        raise ValueError(
-            f"tuple target {target} is not supported; make forward_func return [K, classes] "
-            "scores and pass a class index"
-        )
-    if isinstance(target, bool):
-        raise TypeError("target must be an int class index, not a bool")
-    if isinstance(target, int):
-        return torch.full((batch,), target, dtype=torch.long, device=device)
-    t = torch.as_tensor(target, device=device)
-    if t.dtype.is_floating_point or t.dtype == torch.bool:
-        raise TypeError(f"target must hold integer class indices, got dtype {t.dtype}")
-    t = t.reshape(-1).long()
-    if t.numel() == 1:
-        return t.expand(batch).clone()
-    if t.numel() != batch:
-        raise ValueError(f"target has {t.numel()} entries but the batch has {batch} samples")
-    return t
