@@ -165,3 +165,38 @@ def assert_open_masks_reproduce(model: nn.Module, structure, x: torch.Tensor) ->
         with apply_masks(model, structure, state):
             got = model(x)
     assert torch.equal(got, expected)
+
+
+class TwoConv(nn.Module):
+    """conv-BN-ReLU twice, global pooling and a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(3)
+        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = torch.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+def as_chain(sub, x: torch.Tensor):
+    """A :class:`~captum_chains.result.Chain` around a hand-made SubNetwork and its region."""
+    from captum_chains.config import ChainConfig
+    from captum_chains.result import Chain
+
+    return Chain(
+        importance=sub.importance,
+        gates={},
+        subnetwork=sub,
+        history=[],
+        structure=sub.structure,
+        config=ChainConfig(),
+        kl=0.0,
+        finetuned=False,
+        inputs=x,
+    )

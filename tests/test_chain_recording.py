@@ -16,7 +16,7 @@ import math
 import networkx as nx
 import pytest
 import torch
-from conftest import make_inputs, make_model, randomize_bn
+from conftest import TwoConv, as_chain, make_inputs, make_model, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -30,16 +30,8 @@ from captum_chains.subnetwork import subnetwork_from_mappings
 from captum_chains.units import discover
 
 
-class Branchy(nn.Module):
+class Branchy(TwoConv):
     """Two conv-BN-ReLU layers with a data-dependent branch between them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(3)
-        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = torch.relu(self.bn1(self.conv1(x)))
@@ -342,8 +334,6 @@ def test_figure_draws_the_chain_of_a_model_fx_cannot_trace():
     matplotlib.use("Agg")
     from matplotlib.collections import LineCollection
 
-    from captum_chains.config import ChainConfig
-    from captum_chains.result import Chain
     from captum_chains.visualization import chain_graph_for, plot_chain
 
     torch.manual_seed(1)
@@ -352,17 +342,7 @@ def test_figure_draws_the_chain_of_a_model_fx_cannot_trace():
     model.eval()
     x = torch.randn(3, 2, 6, 6, generator=torch.Generator().manual_seed(1))
     sub = _random_sub(model, x, seed=2)
-    chain = Chain(
-        importance=sub.importance,
-        gates={},
-        subnetwork=sub,
-        history=[],
-        structure=sub.structure,
-        config=ChainConfig(),
-        kl=0.0,
-        finetuned=False,
-        inputs=x,
-    )
+    chain = as_chain(sub, x)
     graph = chain_graph_for(chain)
     assert graph.graph["source"] == "chains"
     assert set(graph.edges) == set(chain.graph().edges)

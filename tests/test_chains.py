@@ -13,7 +13,7 @@ import math
 import networkx as nx
 import pytest
 import torch
-from conftest import make_inputs, make_model, randomize_bn
+from conftest import TwoConv, make_inputs, make_model, randomize_bn
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -29,23 +29,6 @@ from captum_chains.chains import (
 )
 from captum_chains.subnetwork import subnetwork_from_mappings
 from captum_chains.units import discover
-
-
-class TwoConv(nn.Module):
-    """conv-BN-ReLU twice, global pooling and a linear head."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(2, 3, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(3)
-        self.conv2 = nn.Conv2d(3, 4, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, 3)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
 
 
 class Stream(nn.Module):

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerGradCam, Saliency
-from conftest import make_inputs, make_model
+from conftest import as_chain, make_inputs, make_model
 from hypothesis import given
 from hypothesis import strategies as st
 from matplotlib.collections import LineCollection, PathCollection
@@ -24,8 +24,6 @@ from scipy.stats import norm
 from torch import nn
 
 from captum_chains._utils.model_state import ModelSnapshot
-from captum_chains.config import ChainConfig
-from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork, subnetwork_from_mappings
 from captum_chains.units import discover
 from captum_chains.visualization import (
@@ -84,20 +82,6 @@ def full_sub(model: nn.Module, x: torch.Tensor) -> SubNetwork:
     structure = discover(model, (x,))
     return subnetwork_from_mappings(
         model, structure, {u.name: torch.ones(u.size) for u in structure.units}
-    )
-
-
-def as_chain(sub: SubNetwork, x: torch.Tensor) -> Chain:
-    return Chain(
-        importance=sub.importance,
-        gates={},
-        subnetwork=sub,
-        history=[],
-        structure=sub.structure,
-        config=ChainConfig(),
-        kl=0.0,
-        finetuned=False,
-        inputs=x,
     )
 
 
