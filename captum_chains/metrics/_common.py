@@ -10,9 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from captum_chains._utils.model_state import eval_mode
-from captum_chains._utils.validation import (
-    check_batch_size as validate_batch_size,
-)
 from captum_chains._utils.validation import check_device, format_inputs, slice_additional_args
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork
@@ -93,11 +90,6 @@ def both_probabilities(
     p = F.softmax(model_logits(subnetwork.model, inputs, extra, batch_size), dim=1)
     q = F.softmax(chunked_logits(subnetwork, inputs, extra, batch_size), dim=1)
     return p, q
-
-
-def check_batch_size(batch_size: int | None) -> None:
-    """Raise for a non-positive ``batch_size``."""
-    validate_batch_size(batch_size, "batch_size")
 
 
 def correlations(x: Any, y: Any) -> dict[str, float]:

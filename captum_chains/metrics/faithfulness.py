@@ -26,12 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from captum_chains._utils.progress import tqdm
-from captum_chains._utils.validation import format_additional_args
+from captum_chains._utils.validation import check_batch_size, format_additional_args
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
-    check_batch_size,
     chunked_logits,
     correlations,
     model_logits,
@@ -124,7 +123,7 @@ def faithfulness(
         The per-unit table and the Pearson/Spearman correlations of score with
         degradation (Fig. 2, right).
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, "batch_size")
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
     extra = format_additional_args(additional_forward_args)

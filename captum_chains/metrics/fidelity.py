@@ -16,12 +16,11 @@ from typing import Any
 
 import torch
 
-from captum_chains._utils.validation import format_additional_args
+from captum_chains._utils.validation import check_batch_size, format_additional_args
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
     both_probabilities,
-    check_batch_size,
     region_inputs,
 )
 
@@ -160,7 +159,7 @@ def fidelity(
     >>> fid = fidelity(chain)                                    # doctest: +SKIP
     >>> fid.mean_drop, fid.agreement_rate                        # doctest: +SKIP
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, "batch_size")
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
     p, q = both_probabilities(

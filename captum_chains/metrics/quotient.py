@@ -18,11 +18,10 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 
-from captum_chains._utils.validation import format_additional_args
+from captum_chains._utils.validation import check_batch_size, format_additional_args
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
-    check_batch_size,
     chunked_logits,
     model_logits,
     region_inputs,
@@ -120,7 +119,7 @@ def prediction_quotient(
     Tensor
         ``[N]`` quotients (float64).
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, "batch_size")
     if network not in ("subnetwork", "complement"):
         raise ValueError(f"network must be 'subnetwork' or 'complement', got {network!r}")
     sub = as_subnetwork(chain)

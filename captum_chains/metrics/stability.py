@@ -26,11 +26,10 @@ from torch import nn
 
 from captum_chains._utils.hooks import this_thread_only
 from captum_chains._utils.model_state import eval_mode
-from captum_chains._utils.validation import check_device, format_inputs
+from captum_chains._utils.validation import check_batch_size, check_device, format_inputs
 from captum_chains.metrics._common import (
     ChainLike,
     as_subnetwork,
-    check_batch_size,
     chunked_logits,
     model_logits,
     region_inputs,
@@ -109,7 +108,7 @@ def penultimate_features(
     Tensor
         ``[N, D]`` float32 features.
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, "batch_size")
     (x,) = format_inputs(inputs)
     name = layer if layer is not None else find_classifier(model, x[:2])
     try:
@@ -236,7 +235,7 @@ def stability(
         If the pool's per-input shape differs from the region's, a K exceeds the pool
         size, or ``pool_labels`` does not match the pool.
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, "batch_size")
     sub = as_subnetwork(chain)
     items = region_inputs(chain, inputs)
     if len(items) != 1:

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from captum_chains._utils.validation import format_inputs
-from captum_chains.metrics._common import check_batch_size, model_logits
+from captum_chains._utils.validation import check_batch_size, format_inputs
+from captum_chains.metrics._common import model_logits
 
 _ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
@@ -163,7 +163,7 @@ def sample_regions(
     ValueError
         If fewer than ``classes_per_region`` classes have ``per_class`` eligible inputs.
     """
-    check_batch_size(batch_size)
+    check_batch_size(batch_size, "batch_size")
     if n_regions < 1 or classes_per_region < 1 or per_class < 1:
         raise ValueError(
             f"n_regions, classes_per_region and per_class must be >= 1, got {n_regions}, "
