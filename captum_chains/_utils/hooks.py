@@ -18,13 +18,6 @@ import torch
 HookFn = TypeVar("HookFn", bound=Callable[..., Any])
 
 
-def _compiling() -> bool:
-    """Whether torch.compile is tracing the current call (False on torch without it)."""
-    compiler = getattr(torch, "compiler", None)
-    check = getattr(compiler, "is_compiling", None)
-    return bool(check()) if check is not None else False
-
-
 def this_thread_only(hook: HookFn, module: object | None = None) -> HookFn:
     """Wrap ``hook`` so that it runs only in the calling thread (elsewhere it returns None).
 
@@ -39,7 +32,7 @@ def this_thread_only(hook: HookFn, module: object | None = None) -> HookFn:
     def guarded(*args: Any, **kwargs: Any) -> Any:
         # inside torch.compile the owner traces its own compiled forward: no thread check
         # (it would break the graph at every hook)
-        if not _compiling() and threading.get_ident() != owner:
+        if not torch.compiler.is_compiling() and threading.get_ident() != owner:
             return None
         if module is not None and args[0] is not module:
             return None
