@@ -168,8 +168,6 @@ def _add_edges(
     adjacency dictionaries are filled directly (one shared data dict per edge, as
     ``add_edge`` would store it): millions of edges take seconds, not minutes.
     """
-    import networkx as nx
-
     in_graph = torch.tensor([n in graph for n in names], dtype=torch.bool)
     if len(src):
         size = len(names)
@@ -217,7 +215,18 @@ def _add_edges(
     finally:
         if gc_was_enabled:
             gc.enable()
-    nx._clear_cache(graph)
+    _clear_networkx_cache(graph)
+
+
+def _clear_networkx_cache(graph: Any) -> None:
+    """Drop what networkx cached about ``graph`` (its backend-conversion cache, 3.3+).
+
+    The adjacency was filled directly, past ``add_edge``, which would have cleared it.
+    networkx before 3.3 keeps no such cache (its views read the dictionaries live).
+    """
+    cache = getattr(graph, "__networkx_cache__", None)
+    if cache is not None:
+        cache.clear()
 
 
 class _Flows:
