@@ -33,7 +33,7 @@ from captum_chains.export.recording import record
 from captum_chains.export.rules_layers import ChannelNormRule, ConvRule, LinearRule
 from captum_chains.export.rules_ops import SPECIAL, BinaryRule, CatRule, PerChannelRule, ScaleRule
 from captum_chains.export.tracing import apply_subnetwork, working_copy
-from captum_chains.export.vit import HeadCore
+from captum_chains.units.head_core import HeadCore
 
 FORMULA = (
     "w(A.c -> B.j) = s_j * rho_A(c) * mean_{x,p} |(W_{j,c} * X_c)(p)|; "

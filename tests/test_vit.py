@@ -31,7 +31,8 @@ from captum_chains.chains import chain_graph
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.subnetwork import subnetwork_from_mappings
 from captum_chains.units import discover, token_layout
-from captum_chains.units.vit import check_vit_input, register_mha_head_hook
+from captum_chains.units.torch_attention import register_mha_head_hook
+from captum_chains.units.vit import check_vit_input
 
 
 # ---------------------------------------------------------------------------- models

@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from captum_chains._utils.optional import loaded_class
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.build import Builder, shallow_clone, take
 from captum_chains.export.rules import (
@@ -25,6 +24,7 @@ from captum_chains.export.rules import (
     register_module_rule,
 )
 from captum_chains.export.rules_ops import PerChannelRule
+from captum_chains.units.adapters import layer_kind
 
 
 def _scale_affine(weight: Any, bias: Any, scale: torch.Tensor) -> bool:
@@ -370,12 +370,9 @@ _CONV_TYPES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def _is_plain_conv(module: nn.Module) -> bool:
-    """Whether ``module`` is exactly a torch convolution or timm's ``Conv2dSame``.
-
-    timm is looked at only when a model has already imported it (no import here).
-    """
-    kind = type(module)
-    return kind in _CONV_TYPES or kind is loaded_class("timm.layers.conv2d_same", "Conv2dSame")
+    """Whether ``module`` is exactly a torch convolution or a family's layer that slices as
+    one (:data:`~captum_chains.units.adapters.LAYER_KINDS`, e.g. timm's ``Conv2dSame``)."""
+    return type(module) in _CONV_TYPES or layer_kind(module) in _CONV_TYPES
 
 
 def _register() -> None:

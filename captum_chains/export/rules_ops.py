@@ -14,7 +14,6 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from captum_chains._utils.optional import loaded_class
 from captum_chains.export.analysis import Analysis
 from captum_chains.export.build import Builder
 from captum_chains.export.rules import (
@@ -30,6 +29,7 @@ from captum_chains.export.rules import (
     register_module_rule,
 )
 from captum_chains.export.runtime import ChannelScale, channel_scale
+from captum_chains.units.adapters import layer_kind
 
 
 def _first(node: fx.Node) -> Any:
@@ -778,13 +778,10 @@ class GetItemRule(SameChannelsRule):
 
 
 # --------------------------------------------------------------------------- registry
-def _is_timm_pool(module: nn.Module) -> bool:
-    """Whether ``module`` is one of timm's ``AvgPool2dSame`` / ``MaxPool2dSame``.
-
-    timm is looked at only when a model has already imported it (no import here).
-    """
-    same = [loaded_class("timm.layers.pool2d_same", n) for n in ("AvgPool2dSame", "MaxPool2dSame")]
-    return any(kind is not None and isinstance(module, kind) for kind in same)
+def _is_family_pool(module: nn.Module) -> bool:
+    """Whether a family rule says ``module`` pools as ``nn.AvgPool2d`` / ``nn.MaxPool2d``
+    (:data:`~captum_chains.units.adapters.LAYER_KINDS`: timm's same-padding pools)."""
+    return layer_kind(module) in (nn.AvgPool2d, nn.MaxPool2d)
 
 
 def _register() -> None:
@@ -840,10 +837,9 @@ def _register() -> None:
         nn.UpsamplingBilinear2d,
     )
     register_module_rule(pools, PerChannelRule("pooling", spatial=True))
-    # timm's AvgPool2dSame / MaxPool2dSame (subclasses of the torch pools), recognised
-    # without importing timm
+    # pools of the families (timm's AvgPool2dSame / MaxPool2dSame subclass the torch pools)
     register_module_rule(
-        (nn.AvgPool2d, nn.MaxPool2d), PerChannelRule("pooling", spatial=True), when=_is_timm_pool
+        (nn.AvgPool2d, nn.MaxPool2d), PerChannelRule("pooling", spatial=True), when=_is_family_pool
     )
     register_module_rule(nn.Flatten, FlattenModuleRule())
 

@@ -1,7 +1,11 @@
 """Trace a private copy of the model into a graph that computes the SubNetwork.
 
-The copy is traced with ``torch.fx`` (layers with a registered leaf rule, timm's
-no-trace modules and ``torch.nn`` layers stay single nodes). Then the SubNetwork is
+The copy (with the family rules' canonical forms,
+:data:`~captum_chains.units.adapters.CANONICALIZERS`) is traced with ``torch.fx``: layers
+with a registered leaf rule, the libraries' no-trace modules
+(:data:`~captum_chains.units.adapters.TRACE_HINTS`) and ``torch.nn`` layers stay single
+nodes. fx is the export's program writer, not a model reader: the sub-network it writes
+must run at any batch size, which a recorded pass cannot give. Then the SubNetwork is
 written into the graph itself:
 
 * every unit layer's scores become an explicit :func:`~captum_chains.export.runtime.channel_scale`
@@ -18,17 +22,15 @@ from __future__ import annotations
 
 import copy
 import operator
-import sys
-from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
 from torch import fx, nn
 
-from captum_chains._utils.optional import loaded_class
 from captum_chains.export.rules import is_leaf_type
 from captum_chains.export.runtime import channel_scale
+from captum_chains.units.adapters import CANONICALIZERS, SITE_RESOLVERS, TRACE_HINTS
 from captum_chains.units.base import GateSpec, UnitLayer
 
 
@@ -37,56 +39,14 @@ class ExportError(ValueError):
 
 
 # --------------------------------------------------------------------------- copies
-class BatchNormAct(nn.Sequential):
-    """BatchNorm, dropout and activation as three children (unfused ``BatchNormAct2d``).
-
-    timm fuses them into one module whose activation child (``<name>.act``) is where
-    NeuroChains scores act; splitting them makes that site an ordinary graph node.
-    """
-
-
-Canonicalizer = Callable[[nn.Module], "nn.Module | None"]
-
-
-def _split_timm_bn_act(module: nn.Module) -> nn.Module | None:
-    batch_norm_act = loaded_class("timm.layers.norm_act", "BatchNormAct2d")  # no timm import
-    if batch_norm_act is None or type(module) is not batch_norm_act:
-        return None
-    fused: Any = module
-    bn = nn.BatchNorm2d(
-        fused.num_features,
-        eps=fused.eps,
-        momentum=fused.momentum,
-        affine=fused.affine,
-        track_running_stats=fused.track_running_stats,
-    )
-    bn.weight, bn.bias = fused.weight, fused.bias
-    bn.running_mean, bn.running_var = fused.running_mean, fused.running_var
-    bn.num_batches_tracked = fused.num_batches_tracked
-    return BatchNormAct(OrderedDict(bn=bn, drop=fused.drop, act=fused.act))
-
-
-#: Functions ``unit -> (module name, "output" | "input") or None`` that place a unit
-#: layer's scores in the traced graph when discovery's own ``(site, hook)`` cannot be
-#: used directly (e.g. a hook kind the masking handles specially); the first answer wins.
-SiteResolver = Callable[[UnitLayer], "tuple[str, str] | None"]
-SITE_RESOLVERS: list[SiteResolver] = []
-
-
 def export_site(unit: UnitLayer) -> tuple[str, str]:
-    """Where the export applies ``unit``'s scores: the first resolver's answer, or
-    discovery's ``(site, hook)``."""
+    """Where the export applies ``unit``'s scores: the first site resolver's answer
+    (:data:`~captum_chains.units.adapters.SITE_RESOLVERS`), or discovery's ``(site, hook)``."""
     for resolve in SITE_RESOLVERS:
         found = resolve(unit)
         if found is not None:
             return found
     return unit.site, unit.hook
-
-
-#: Functions ``module -> replacement or None`` applied to every module of the private
-#: copy before tracing; a replacement must compute the same function in eval mode and
-#: keep the names of the children that unit sites refer to.
-CANONICALIZERS: list[Canonicalizer] = [_split_timm_bn_act]
 
 
 def working_copy(model: nn.Module) -> nn.Module:
@@ -119,25 +79,20 @@ class _Tracer(fx.Tracer):
     """fx tracer that records where each module call starts and ends."""
 
     def __init__(self) -> None:
-        # timm's no-trace functions and modules; none can be in a model while timm is not
-        # imported, so timm is not imported here
+        # libraries' own no-trace functions and modules (the family rules' TRACE_HINTS)
         autowrap: tuple[Callable[..., Any], ...] = ()
-        self._timm_leaves: tuple[type, ...] = ()
-        if "timm" in sys.modules:
-            try:
-                from timm.layers import _fx as timm_fx
-
-                autowrap = tuple(timm_fx._autowrap_functions)
-                self._timm_leaves = tuple(timm_fx._leaf_modules)
-            except (ImportError, AttributeError):  # pragma: no cover
-                autowrap, self._timm_leaves = (), ()
+        leaves: tuple[type, ...] = ()
+        for hints in TRACE_HINTS:
+            functions, modules = hints()
+            autowrap, leaves = autowrap + functions, leaves + modules
+        self._library_leaves = leaves
         super().__init__(autowrap_functions=autowrap)
         self.calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]] = {}
         self.leaves: dict[str, nn.Module] = {}
         self.stack: list[str] = []
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_leaf_type(m) or (self._timm_leaves and isinstance(m, self._timm_leaves)):
+        if is_leaf_type(m) or (self._library_leaves and isinstance(m, self._library_leaves)):
             return True
         return super().is_leaf_module(m, module_qualified_name)
 
@@ -311,7 +266,7 @@ def apply_subnetwork(
             raise ExportError(
                 f"unit layer {unit.name!r} is scored at hook {hook!r} of {site!r}, which the "
                 "export cannot place; register a resolver in "
-                "captum_chains.export.tracing.SITE_RESOLVERS"
+                "captum_chains.units.adapters.SITE_RESOLVERS"
             )
         in_node, out = sites.call(site, what)
         if hook == "output":

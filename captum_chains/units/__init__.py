@@ -1,6 +1,9 @@
-"""Discovery of scorable units (filters, heads, neurons) and gates (layers, blocks)."""
+"""Discovery of scorable units (filters, heads, neurons) and gates (layers, blocks).
 
-from captum_chains.units import timm_cnn  # noqa: F401  (registers the timm rule)
+Importing the package registers every model family (see :mod:`~captum_chains.units.adapters`).
+"""
+
+from captum_chains.units import timm_cnn, timm_vit, torch_attention  # noqa: F401  (register)
 from captum_chains.units.adapters import ADAPTERS, AdapterResult
 from captum_chains.units.base import GateSpec, ModelStructure, UnitLayer
 from captum_chains.units.discovery import architecture_fingerprint, discover

@@ -1,16 +1,18 @@
-"""Model-family adapters: rules that claim modules before the generic discovery runs.
+"""The one registry of model-family knowledge: what generic code asks a family.
 
-An adapter is a callable ``adapter(model, trace) -> AdapterResult | None``. It returns
-``None`` when the model is not of its family. The generic rules of
-:mod:`captum_chains.units.discovery` skip every module an adapter claims. To support a
-new architecture, write a function of this shape and append it to :data:`ADAPTERS`
-(see the how-to page "Your own model").
+Each family module (:mod:`~captum_chains.units.timm_cnn`,
+:mod:`~captum_chains.units.timm_vit`, :mod:`~captum_chains.units.torch_attention`, the
+transformer adapter in :mod:`~captum_chains.units.vit`) appends its rules to the lists
+below when imported; discovery, masking and export consult only these lists. To support
+a new architecture, write rules of these shapes (see ``docs/architecture.md``, "Adding a
+model family", and the how-to page "Your own model").
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -33,6 +35,9 @@ class AdapterResult:
 Adapter = Callable[[nn.Module, Trace], "AdapterResult | None"]
 
 ADAPTERS: list[Adapter] = []
+"""Discovery rules ``adapter(model, trace) -> AdapterResult | None`` (``None``: not of the
+adapter's family); the generic rules of :mod:`captum_chains.units.discovery` skip every
+module an adapter claims."""
 
 InputCheck = Callable[[nn.Module, tuple[torch.Tensor, ...]], None]
 
@@ -58,3 +63,73 @@ FUSED_ACTIVATIONS: list[FusedActivation] = []
 child that applies the activation after the normalization (timm's ``BatchNormAct2d``:
 ``"act"``), or ``None``. The scores of a convolution normalized by such a module act at
 that child's input: after the normalization, before the activation (Eq. 3)."""
+
+
+AttentionHeads = tuple["str | None", int, int, "tuple[int, ...]"]
+AttentionRule = Callable[[nn.Module, "tuple[int, ...]"], "AttentionHeads | None"]
+
+ATTENTION_HEADS: list[AttentionRule] = []
+"""Rules ``rule(module, input_shape) -> (site hook or None, heads, head_dim, token dims)``
+for attention modules whose heads are not reached through a child ``nn.Linear`` (e.g.
+``nn.MultiheadAttention``, scored at a :data:`SITE_HOOKS` hook; ``None`` hook: the heads
+cannot be scored); ``None``: not such a module."""
+
+PatchGeometry = tuple["tuple[int, int] | None", "tuple[int, int]", bool, bool]
+PatchRule = Callable[[nn.Module], "PatchGeometry | None"]
+
+PATCH_EMBEDDINGS: list[PatchRule] = []
+"""Rules ``rule(module) -> (image size or None, patch size, strict size?, pads?)`` for the
+patch embeddings of vision transformers (``None``: not one); the ViT input check and
+adapter read them."""
+
+# ------------------------------------------------------------------ export (captum_chains.export)
+Canonicalizer = Callable[[nn.Module], "nn.Module | None"]
+
+CANONICALIZERS: list[Canonicalizer] = []
+"""Functions ``module -> replacement or None`` applied to every module of the export's
+private copy before tracing; a replacement must compute the same function in eval mode and
+keep the names of the children that unit sites refer to."""
+
+SiteResolver = Callable[[UnitLayer], "tuple[str, str] | None"]
+
+SITE_RESOLVERS: list[SiteResolver] = []
+"""Functions ``unit -> (module name, "output" | "input") or None`` that place a unit
+layer's scores in the export's graph when discovery's own ``(site, hook)`` cannot be used
+directly (e.g. a site hook of :data:`SITE_HOOKS`); the first answer wins."""
+
+LayerKind = Callable[[nn.Module], "type[nn.Module] | None"]
+
+LAYER_KINDS: list[LayerKind] = []
+"""Rules ``rule(module) -> torch layer type or None``: a library layer that computes
+exactly what that torch layer computes with the same weights, apart from padding (timm's
+``Conv2dSame`` -> ``nn.Conv2d``), so that the export may slice it as one."""
+
+TraceHints = Callable[[], "tuple[tuple[Callable[..., Any], ...], tuple[type, ...]]"]
+
+TRACE_HINTS: list[TraceHints] = []
+"""Functions ``() -> (functions to keep as calls, module types to keep as leaves)`` for the
+export's symbolic trace (a library's own fx lists, e.g. timm's)."""
+
+
+def layer_kind(module: nn.Module) -> type[nn.Module] | None:
+    """The torch layer type ``module`` computes as (:data:`LAYER_KINDS`), else ``None``."""
+    for rule in LAYER_KINDS:
+        kind = rule(module)
+        if kind is not None:
+            return kind
+    return None
+
+
+def as_pair(value: Any) -> tuple[int, int] | None:
+    """``(a, b)`` from an int or a pair of ints (a layer's size attribute), else ``None``."""
+    if isinstance(value, int):
+        return (value, value)
+    if isinstance(value, (tuple, list)) and len(value) == 2:
+        return (int(value[0]), int(value[1]))
+    return None
+
+
+def register(registry: list[Any], rule: Any) -> None:
+    """Append ``rule`` to ``registry`` once (importing a family module twice is harmless)."""
+    if rule not in registry:
+        registry.append(rule)

@@ -1,8 +1,8 @@
 """Vision-transformer adapter: attention heads, MLP neurons, embedding channels, branch gates.
 
-Registers the ViT adapter, its input check and the ``"mha"`` site hook for
-``nn.MultiheadAttention`` heads; exports :func:`token_layout` / :class:`TokenLayout` and
-:func:`register_mha_head_hook`. Units are found from module types and the recorded
+Registers the ViT adapter and its input check; exports :func:`token_layout` /
+:class:`TokenLayout`. Units are found from module types, the family rules of
+:mod:`captum_chains.units.adapters` (patch embeddings, attention modules) and the recorded
 dataflow, never from names or a hard-coded token grid; the rules are in
 ``docs/architecture.md`` ("Vision transformers").
 """
@@ -10,17 +10,20 @@ dataflow, never from names or a hard-coded token grid; the rules are in
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
-from captum_chains._utils.hooks import this_thread_only
-from captum_chains.units.adapters import ADAPTERS, INPUT_CHECKS, SITE_HOOKS, AdapterResult
+from captum_chains.units.adapters import (
+    ADAPTERS,
+    ATTENTION_HEADS,
+    INPUT_CHECKS,
+    PATCH_EMBEDDINGS,
+    AdapterResult,
+    register,
+)
 from captum_chains.units.base import GateSpec, UnitLayer
 from captum_chains.units.trace import FunctionCall, ModuleCall, Trace
 
@@ -31,9 +34,6 @@ _NORMS: tuple[type[nn.Module], ...] = (
     nn.modules.batchnorm._BatchNorm,
     nn.RMSNorm,
 )
-
-MHA_HOOK = "mha"
-"""Name of the site hook that scores the heads of ``nn.MultiheadAttention``."""
 
 
 # ---------------------------------------------------------------------------- layout
@@ -152,111 +152,15 @@ def check_vit_input(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
             )
 
 
-def _pair(value: Any) -> tuple[int, int] | None:
-    if value is None:
-        return None
-    if isinstance(value, int):
-        return (value, value)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return (int(value[0]), int(value[1]))
-    return None
-
-
 def _patch_geometry(
     module: nn.Module,
 ) -> tuple[tuple[int, int] | None, tuple[int, int] | None, bool, bool]:
     """(image size, patch size, strict size?, pads?) of a patch embedding, else Nones."""
-    conv = getattr(module, "proj", None) or getattr(module, "conv_proj", None)
-    if not isinstance(conv, nn.modules.conv._ConvNd):
-        return None, None, False, False
-    patch = _pair(getattr(module, "patch_size", None))
-    if patch is None:
-        return None, None, False, False
-    if hasattr(module, "strict_img_size"):  # timm PatchEmbed and its relatives
-        return (
-            _pair(getattr(module, "img_size", None)),
-            patch,
-            bool(module.strict_img_size),
-            bool(getattr(module, "dynamic_img_pad", False)),
-        )
-    if hasattr(module, "image_size"):  # torchvision VisionTransformer
-        return _pair(module.image_size), patch, True, False
+    for rule in PATCH_EMBEDDINGS:
+        found = rule(module)
+        if found is not None:
+            return found
     return None, None, False, False
-
-
-# ---------------------------------------------------------------------------- MHA heads
-def mha_head_outputs(
-    module: nn.MultiheadAttention,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-) -> torch.Tensor:
-    """Concatenated head outputs of ``nn.MultiheadAttention``, batch first ``[B, L, E]``.
-
-    Recomputed from the module's own weights (eval mode: no dropout); this is the tensor
-    that ``out_proj`` multiplies inside ``F.multi_head_attention_forward``.
-    """
-    if not module.batch_first:
-        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
-    e, h = module.embed_dim, module.num_heads
-    if module._qkv_same_embed_dim:
-        w_q, w_k, w_v = module.in_proj_weight.chunk(3)
-    else:
-        w_q, w_k, w_v = module.q_proj_weight, module.k_proj_weight, module.v_proj_weight
-    b_q = b_k = b_v = None
-    if module.in_proj_bias is not None:
-        b_q, b_k, b_v = module.in_proj_bias.chunk(3)
-    q, k, v = F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
-    b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
-    d = e // h
-    q = q.reshape(b, lq, h, d).transpose(1, 2)
-    k = k.reshape(b, lk, h, d).transpose(1, 2)
-    v = v.reshape(b, lk, h, d).transpose(1, 2)
-    z = F.scaled_dot_product_attention(q, k, v)
-    return z.transpose(1, 2).reshape(b, lq, e)
-
-
-def register_mha_head_hook(
-    module: nn.Module, transform: Callable[[torch.Tensor], torch.Tensor]
-) -> RemovableHandle:
-    """Score the heads of an ``nn.MultiheadAttention`` through a forward hook.
-
-    ``transform`` maps the batch-first concatenated head outputs ``z`` ``[B, L, E]`` to
-    their scored version ``S * z`` (what the masking context does at an ``"input"`` site).
-    The hook returns ``out + out_proj.weight @ (S * z - z)``, the module's output with each
-    head's contribution scaled by its score; it is exact (zero correction) for scores 1.
-
-    Raises
-    ------
-    ValueError
-        At call time, for masks, key/value biases or zero-attention, which the head
-        recomputation does not implement.
-    """
-    if not isinstance(module, nn.MultiheadAttention):
-        raise TypeError(f"the 'mha' site hook needs nn.MultiheadAttention, got {type(module)}")
-
-    def hook(
-        mod: nn.MultiheadAttention, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
-    ) -> Any:
-        names = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask")
-        bound = dict(zip(names, args))
-        bound.update(kwargs)
-        for unsupported in ("key_padding_mask", "attn_mask"):
-            if bound.get(unsupported) is not None:
-                raise ValueError(
-                    f"scoring the heads of nn.MultiheadAttention with {unsupported} is not "
-                    "supported; run without masks or score MLP neurons only (layers=...)"
-                )
-        if bound.get("is_causal"):
-            raise ValueError("scoring the heads of a causal nn.MultiheadAttention is not supported")
-        attn_output, weights = output
-        z = mha_head_outputs(mod, bound["query"], bound["key"], bound["value"])
-        delta = F.linear(transform(z) - z, mod.out_proj.weight)
-        if not mod.batch_first:
-            delta = delta.transpose(0, 1)
-        return attn_output + delta, weights
-
-    return module.register_forward_hook(this_thread_only(hook, module), with_kwargs=True)
 
 
 # ---------------------------------------------------------------------------- discovery
@@ -283,13 +187,11 @@ def _attention(model: nn.Module, trace: Trace, name: str, module: nn.Module) -> 
     call = trace.single_call(name)
     if call is None or call.input_shape is None:
         return None
-    if isinstance(module, nn.MultiheadAttention):
-        spatial = call.input_shape[1:-1] if module.batch_first else call.input_shape[:1]
-        plain = module.bias_k is None and not module.add_zero_attn
-        hook = MHA_HOOK if plain else None
-        return _Attention(
-            name, module, name, hook, module.num_heads, module.head_dim, tuple(spatial)
-        )
+    for rule in ATTENTION_HEADS:  # e.g. nn.MultiheadAttention (units/torch_attention.py)
+        found = rule(module, call.input_shape)
+        if found is not None:
+            hook, num_heads, head_dim, spatial = found
+            return _Attention(name, module, name, hook, num_heads, head_dim, spatial)
     heads = getattr(module, "num_heads", None)
     if not isinstance(heads, int) or isinstance(heads, bool) or heads < 1:
         return None
@@ -646,8 +548,5 @@ def _stage_linears(
     return found
 
 
-if vit_adapter not in ADAPTERS:
-    ADAPTERS.append(vit_adapter)
-if check_vit_input not in INPUT_CHECKS:
-    INPUT_CHECKS.append(check_vit_input)
-SITE_HOOKS.setdefault(MHA_HOOK, register_mha_head_hook)
+register(ADAPTERS, vit_adapter)
+register(INPUT_CHECKS, check_vit_input)
