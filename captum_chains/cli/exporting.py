@@ -22,6 +22,14 @@ if TYPE_CHECKING:
 SUFFIXES = {"pt": ".pt2", "onnx": ".onnx"}
 
 
+def dynamic_batch() -> Any:
+    """A dynamic batch dimension for ``torch.export``: ``Dim.DYNAMIC`` (torch 2.6+) or a
+    named ``Dim`` (torch 2.4/2.5, which then needs an example batch of 2 or more)."""
+    import torch
+
+    return getattr(torch.export.Dim, "DYNAMIC", None) or torch.export.Dim("batch")
+
+
 def save_program(exported: nn.Module, example: torch.Tensor, out: Path, sub: nn.Module) -> float:
     """Save with :func:`torch.export.save` (dynamic batch size).
 
@@ -30,9 +38,8 @@ def save_program(exported: nn.Module, example: torch.Tensor, out: Path, sub: nn.
     """
     import torch
 
-    batch = torch.export.Dim.DYNAMIC
     try:
-        program = torch.export.export(exported, (example,), dynamic_shapes=({0: batch},))
+        program = torch.export.export(exported, (example,), dynamic_shapes=({0: dynamic_batch()},))
     except Exception as err:  # torch.export raises many error types for untraceable code
         raise CLIError(f"torch.export could not capture the network: {one_line(err, 240)}") from err
     torch.export.save(program, str(out))
@@ -60,7 +67,7 @@ def save_onnx(
 
         options: dict[str, Any] = {
             "dynamo": True,
-            "dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},),
+            "dynamic_shapes": ({0: dynamic_batch()},),
         }
     except ImportError:
         options = {"dynamo": False, "dynamic_axes": {"input": {0: "batch"}, "logits": {0: "batch"}}}

@@ -42,6 +42,14 @@ def _as_mapping(results: Any) -> dict[str, Any]:
     raise TypeError(f"expected a StudyResult or a dict of name -> StudyResult, got {results!r}")
 
 
+def _legend_or_note(ax: Any, note: str, fontsize: float) -> None:
+    """A legend of the labelled artists, or ``note`` across an empty panel."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=fontsize)
+    else:
+        ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes, fontsize=9)
+
+
 def _ok_ids(result: Any) -> set[str]:
     return set(result.ok["region_id"]) if not result.regions.empty else set()
 
@@ -60,7 +68,7 @@ def plot_size_vs_fidelity(results: Any, ax: Any = None) -> Any:
     ax.set_ylabel("fidelity drop  p[y] - q[y]")
     ax.axhline(0, color="grey", lw=0.5)
     ax.set_title("sub-network size vs fidelity")
-    ax.legend(fontsize=8)
+    _legend_or_note(ax, "no extracted region", fontsize=8)
     return ax.figure
 
 
@@ -89,7 +97,7 @@ def plot_faithfulness(results: Any, ax: Any = None) -> Any:
     ax.set_xlabel("unit score")
     ax.set_ylabel("degradation when removed alone  q[y] - q^(-i)[y]")
     ax.set_title("faithfulness: score vs degradation")
-    ax.legend(fontsize=8)
+    _legend_or_note(ax, "no faithfulness in this study (metrics: faithfulness)", fontsize=8)
     return ax.figure
 
 
@@ -116,7 +124,7 @@ def plot_stability(results: Any, ax: Any = None) -> Any:
     ax.set_ylabel("agreement with the model's prediction")
     ax.set_ylim(-0.02, 1.02)
     ax.set_title("stability on unseen data")
-    ax.legend(fontsize=8)
+    _legend_or_note(ax, "no stability in this study (metrics: stability)", fontsize=8)
     return ax.figure
 
 
@@ -187,7 +195,7 @@ def plot_quotient(results: Any, ax: Any = None, clip: float = 2.0) -> Any:
     ax.set_xlabel("Q(p, q)  (< 0: prediction flipped)")
     ax.set_ylabel("inputs")
     ax.set_title("prediction quotient, Eq. (9)")
-    ax.legend(fontsize=7)
+    _legend_or_note(ax, "no quotient in this study (metrics: quotient)", fontsize=7)
     return ax.figure
 
 
