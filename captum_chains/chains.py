@@ -18,7 +18,7 @@ import math
 import operator
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -229,6 +229,14 @@ def _clear_networkx_cache(graph: Any) -> None:
         cache.clear()
 
 
+def _first_input(node: fx.Node) -> fx.Node:
+    """The node of ``node``'s first argument (a layer's input in the traced graph)."""
+    first = node.args[0]
+    if not isinstance(first, fx.Node):
+        raise TypeError(f"{node.name} reads no graph value first (got {type(first).__name__})")
+    return first
+
+
 class _Flows:
     """Runs the sub-network once on the region and measures the flows of the formula."""
 
@@ -356,7 +364,7 @@ class _Flows:
                 if n in producers:
                     # a layer that reads the mixer's own units aligned is measured there
                     if target_unit[n] in self.site and not (
-                        upstream & self.aligned[n.args[0]]  # type: ignore[index]
+                        upstream & self.aligned[_first_input(n)]
                     ):
                         targets.append(n)
                     continue
@@ -399,7 +407,7 @@ class _Flows:
                 if not self.recording:
                     return super().run_node(n)
                 if n in producer_unit:
-                    flows._measure(producer_unit[n], n, self.env[n.args[0]])  # type: ignore[index]
+                    flows._measure(producer_unit[n], n, self.env[_first_input(n)])
                 if n in tails:
                     flows.head_inputs[n] = self.env[flows.head_input[n]]
                 out = super().run_node(n)
@@ -444,9 +452,9 @@ class _Flows:
 
     def _measure(self, unit: str, node: fx.Node, x: torch.Tensor) -> None:
         """Flow matrix ``F[j, c]`` of unit ``unit`` for kept ``j`` and live input ``c``."""
-        upstream = self.aligned[node.args[0]]  # type: ignore[index]
+        upstream = self.aligned[_first_input(node)]
         rule = self.a.rule[node]
-        info = self.a.info.get(node.args[0])  # type: ignore[arg-type]
+        info = self.a.info.get(_first_input(node))
         kept = torch.nonzero(self.scores[unit] > 0).flatten()
         if (
             not upstream
@@ -548,7 +556,8 @@ class _Flows:
             with torch.no_grad():
                 for n in tail:
                     if n.op == "output":
-                        return fx.node.map_arg(n.args[0], lambda v: interp.env[v])  # type: ignore[return-value]
+                        out = fx.node.map_arg(n.args[0], lambda v: interp.env[v])
+                        return cast(torch.Tensor, out)
                     interp.env[n] = interp.run_node(n)
         finally:
             interp.env = saved

@@ -133,7 +133,7 @@ class ChainExtractor(Attribution):
                 structure = dataclasses.replace(structure, gates=kept)
         return structure
 
-    def attribute(  # type: ignore[override]
+    def attribute(  # type: ignore[override]  # Captum: each method's own signature
         self,
         inputs: torch.Tensor | tuple[torch.Tensor, ...],
         target: int | list[int] | torch.Tensor | None = None,

@@ -88,7 +88,7 @@ class ProximalAdam(torch.optim.Optimizer):
         super().__init__(params, defaults)
 
     @torch.no_grad()
-    def step(self, closure: Any = None) -> None:  # type: ignore[override]
+    def step(self, closure: Any = None) -> None:  # type: ignore[override]  # torch: overloads
         """One proximal Adam step on every parameter that has a gradient."""
         if closure is not None:
             raise ValueError("ProximalAdam does not take a closure")

@@ -257,7 +257,7 @@ class InteractionPrimitives(PerturbationAttribution):
         return names
 
     # --------------------------------------------------------------- attribute
-    def attribute(  # type: ignore[override]
+    def attribute(  # type: ignore[override]  # Captum: each method's own signature
         self,
         inputs: torch.Tensor | tuple[torch.Tensor, ...],
         baselines: BaselineSpec | Sequence[BaselineSpec] = None,

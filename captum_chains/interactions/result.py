@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import operator
 import warnings
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,18 +263,18 @@ class InteractionResult:
         mask = torch.zeros_like(mag, dtype=torch.bool).scatter_(-1, idx, True)
         return mask & (mag > 0)
 
-    def shared(self, kind: str, **kwargs: object) -> torch.Tensor:
+    def shared(self, kind: str, **kwargs: Any) -> torch.Tensor:
         """``Ω_shared = ∩_i Ω^(i)`` as ``[B, 2**n]`` booleans."""
-        return self.salient(kind, **kwargs).all(dim=1)  # type: ignore[arg-type]
+        return self.salient(kind, **kwargs).all(dim=1)
 
-    def distinctive(self, kind: str, **kwargs: object) -> torch.Tensor:
+    def distinctive(self, kind: str, **kwargs: Any) -> torch.Tensor:
         """``Ω^(i) \\ Ω_shared`` as ``[B, m, 2**n]`` booleans."""
-        sal = self.salient(kind, **kwargs)  # type: ignore[arg-type]
+        sal = self.salient(kind, **kwargs)
         return sal & ~sal.all(dim=1, keepdim=True)
 
-    def generalization(self, kind: str, **kwargs: object) -> torch.Tensor:
+    def generalization(self, kind: str, **kwargs: Any) -> torch.Tensor:
         """``s^(i) = |Ω_shared| / |Ω^(i)|`` per sample and model, ``[B, m]`` (Sec. 4)."""
-        sal = self.salient(kind, **kwargs)  # type: ignore[arg-type]
+        sal = self.salient(kind, **kwargs)
         shared = sal.all(dim=1, keepdim=True).sum(-1).double()
         size = sal.sum(-1).double()
         return torch.where(size > 0, shared / size.clamp_min(1), torch.ones_like(size))
@@ -323,10 +324,10 @@ class InteractionResult:
         """Player names in the subset bitmask ``subset``."""
         return tuple(self.player_names[i] for i in range(self.n) if subset >> i & 1)
 
-    def subset_of(self, players: object) -> int:
+    def subset_of(self, players: Iterable[str | int]) -> int:
         """Bitmask of an iterable of player names or indices."""
         out = 0
-        for p in players:  # type: ignore[attr-defined]
+        for p in players:
             i = self.player_names.index(p) if isinstance(p, str) else int(p)
             out |= 1 << i
         return out

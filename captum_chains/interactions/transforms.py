@@ -60,14 +60,14 @@ class _Lattice(torch.autograd.Function):
     """Linear subset/superset transform; its adjoint is the transform on the other lattice."""
 
     @staticmethod
-    def forward(ctx, values: torch.Tensor, inverse: bool, upward: bool) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, values: torch.Tensor, inverse: bool, upward: bool) -> torch.Tensor:  # type: ignore[override]  # torch: (*args)
         ctx.inverse, ctx.upward = inverse, upward
         n = num_players(values.shape[-1])
         flat = values.reshape(-1, values.shape[-1]).clone(memory_format=torch.contiguous_format)
         return _butterfly_(flat, n, inverse, upward).view(values.shape)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]  # torch: (*grads)
         return _Lattice.apply(grad, ctx.inverse, not ctx.upward), None, None
 
 

@@ -27,7 +27,8 @@ def _scalar(output: torch.Tensor) -> torch.Tensor | None:
     return None
 
 
-def _pick(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
+def _pick(output: torch.Tensor, target: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(output[k, target[k]] per row, target)``, after checking the shapes and target."""
     if output.dim() != 2:
         raise ValueError(
             f"the model output must be [K, classes] (or [K] for one score); got "
@@ -38,7 +39,7 @@ def _pick(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
             f"target is required for a model with {output.shape[1]} outputs; pass the class "
             "index (int) or one index per sample"
         )
-    return output.gather(1, target.view(-1, 1)).squeeze(1)
+    return output.gather(1, target.view(-1, 1)).squeeze(1), target
 
 
 def log_odds(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -50,8 +51,8 @@ def log_odds(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     s = _scalar(output)
     if s is not None:
         return s if target is None else torch.where(target.view(-1) == 0, -s, s)
-    chosen = _pick(output, target)
-    others = output.scatter(1, target.view(-1, 1), float("-inf"))  # type: ignore[union-attr]
+    chosen, picked = _pick(output, target)
+    others = output.scatter(1, picked.view(-1, 1), float("-inf"))
     return chosen - torch.logsumexp(others, dim=1)
 
 
@@ -65,8 +66,8 @@ def reference_log_odds(output: torch.Tensor, target: torch.Tensor | None) -> tor
     s = _scalar(output)
     if s is not None:
         return log_odds(output, target)
-    chosen = _pick(output, target)
-    others = output.scatter(1, target.view(-1, 1), float("-inf"))  # type: ignore[union-attr]
+    chosen, picked = _pick(output, target)
+    others = output.scatter(1, picked.view(-1, 1), float("-inf"))
     top = others.amax(dim=1)
     rest = torch.exp(others - top[:, None]).sum(dim=1)
     return chosen - top - torch.log(rest + REFERENCE_EPS)
@@ -75,7 +76,7 @@ def reference_log_odds(output: torch.Tensor, target: torch.Tensor | None) -> tor
 def logit(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
     """The raw output (logit) of the target class."""
     s = _scalar(output)
-    return s if s is not None else _pick(output, target)
+    return s if s is not None else _pick(output, target)[0]
 
 
 def probability(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -84,7 +85,7 @@ def probability(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tens
     if s is not None:
         p = torch.sigmoid(s)
         return p if target is None else torch.where(target.view(-1) == 0, 1 - p, p)
-    return _pick(torch.softmax(output, dim=1), target)
+    return _pick(torch.softmax(output, dim=1), target)[0]
 
 
 def log_probability(output: torch.Tensor, target: torch.Tensor | None) -> torch.Tensor:
@@ -95,7 +96,7 @@ def log_probability(output: torch.Tensor, target: torch.Tensor | None) -> torch.
         if target is None:
             return ls
         return torch.where(target.view(-1) == 0, torch.nn.functional.logsigmoid(-s), ls)
-    return _pick(torch.log_softmax(output, dim=1), target)
+    return _pick(torch.log_softmax(output, dim=1), target)[0]
 
 
 _VALUES: dict[str, ValueFn] = {

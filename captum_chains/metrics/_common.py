@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 import torch.nn.functional as F
@@ -11,15 +11,24 @@ from torch import nn
 
 from captum_chains._utils.model_state import eval_mode
 from captum_chains._utils.validation import check_device, format_inputs, slice_additional_args
-from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork
 
-ChainLike = Chain | SubNetwork
+if TYPE_CHECKING:  # a Chain is recognised by its sub-network: no runtime import of result
+    from captum_chains.result import Chain
+
+ChainLike = Union["Chain", SubNetwork]
+
+
+def _is_chain(chain: Any) -> bool:
+    """Whether ``chain`` is a :class:`~captum_chains.Chain` (it carries a SubNetwork)."""
+    return not isinstance(chain, SubNetwork) and isinstance(
+        getattr(chain, "subnetwork", None), SubNetwork
+    )
 
 
 def as_subnetwork(chain: Any) -> SubNetwork:
     """The SubNetwork of a :class:`Chain`, or ``chain`` itself if it is a SubNetwork."""
-    if isinstance(chain, Chain):
+    if _is_chain(chain):
         return chain.subnetwork
     if isinstance(chain, SubNetwork):
         return chain
@@ -32,7 +41,7 @@ def as_subnetwork(chain: Any) -> SubNetwork:
 def region_inputs(chain: Any, inputs: Any, name: str = "inputs") -> tuple[torch.Tensor, ...]:
     """Validated inputs; default to the region stored in a Chain."""
     if inputs is None:
-        stored = chain.inputs if isinstance(chain, Chain) else None
+        stored = chain.inputs if _is_chain(chain) else None
         if stored is None:
             raise ValueError(
                 f"{name} is None and the chain holds no inputs; pass the region's inputs "

@@ -101,7 +101,7 @@ class PathwayGradient(GradientAttribution):
     def multiplies_by_inputs(self) -> bool:
         return False
 
-    def attribute(  # type: ignore[override]
+    def attribute(  # type: ignore[override]  # Captum: each method's own signature
         self,
         inputs: Tensor | tuple[Tensor, ...],
         target: TargetType = None,

@@ -30,6 +30,7 @@ from captum_chains.metrics import (
     robustness,
     stability,
 )
+from captum_chains.metrics.robustness import AttackOn
 from captum_chains.neurochains import ChainExtractor
 from captum_chains.result import Chain
 from captum_chains.studies.regions import Region
@@ -88,7 +89,7 @@ class StudySettings:
     pgd_step_size: float | None = None
     lower_bound: float = -math.inf
     upper_bound: float = math.inf
-    attack_on: str = "each"
+    attack_on: AttackOn = "each"
     faithfulness_max_units: int | None = None
     batch_size: int = 256
     stability_layer: str | None = None
@@ -368,7 +369,7 @@ def evaluate_chain(
             pgd_step_size=settings.pgd_step_size,
             lower_bound=settings.lower_bound,
             upper_bound=settings.upper_bound,
-            attack_on=settings.attack_on,  # type: ignore[arg-type]
+            attack_on=settings.attack_on,
             batch_size=bs,
         )
         for name, value in rb.summary().items():

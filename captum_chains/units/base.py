@@ -39,8 +39,10 @@ class UnitLayer:
         Number of units.
     site : str
         Qualified name of the module at which the score multiplies the tensor.
-    hook : {"output", "input"}
-        Whether the score multiplies the site module's output or its (first) input.
+    hook : str
+        Whether the score multiplies the site module's ``"output"`` or its (first)
+        ``"input"``, or the name of a site hook of
+        :data:`~captum_chains.units.adapters.SITE_HOOKS` (e.g. ``"mha"``).
     channel_dim : int
         Dimension of the site tensor that holds the units (1 for NCHW, -1 for tokens).
     unit_width : int
@@ -64,7 +66,7 @@ class UnitLayer:
     kind: UnitKind
     size: int
     site: str
-    hook: HookPoint = "output"
+    hook: HookPoint | str = "output"
     channel_dim: int = 1
     unit_width: int = 1
     module_type: str = ""

@@ -414,7 +414,7 @@ def _head_unit(att: _Attention) -> UnitLayer:
         kind="head",
         size=att.num_heads,
         site=att.site,
-        hook=att.hook,  # type: ignore[arg-type]  # "mha" is a SITE_HOOKS name
+        hook=att.hook,
         channel_dim=-1,
         unit_width=att.head_dim,
         module_type=type(att.module).__name__,

@@ -119,11 +119,12 @@ def _run(
     layer: str,
     kwargs: Mapping[str, Any],
 ) -> torch.Tensor:
+    build: Any = method  # each Captum method has its own constructor and attribute()
     if issubclass(method, LayerAttribution):
-        algo = method(model, model.get_submodule(layer))  # type: ignore[call-arg]
+        algo = build(model, model.get_submodule(layer))
     else:
-        algo = method(model)  # type: ignore[call-arg]
-    attr = algo.attribute(inputs, target=targets, **dict(kwargs))  # type: ignore[attr-defined]
+        algo = build(model)
+    attr = algo.attribute(inputs, target=targets, **dict(kwargs))
     if isinstance(attr, tuple):
         attr = attr[0]
     attr = attr.detach().float()
