@@ -219,10 +219,11 @@ def _add_edges(
 
 
 def _clear_networkx_cache(graph: Any) -> None:
-    """Drop what networkx cached about ``graph`` (its backend-conversion cache, 3.3+).
+    """Drop what networkx cached about ``graph`` (its backend-conversion cache, if any).
 
     The adjacency was filled directly, past ``add_edge``, which would have cleared it.
-    networkx before 3.3 keeps no such cache (its views read the dictionaries live).
+    networkx 3.0 keeps no such cache (its views read the dictionaries live) and has no
+    ``nx._clear_cache``.
     """
     cache = getattr(graph, "__networkx_cache__", None)
     if cache is not None:

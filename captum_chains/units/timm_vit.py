@@ -57,7 +57,7 @@ class CanonicalAttention(nn.Module):
             source.q_norm,
             source.k_norm,
         )
-        norm = getattr(source, "norm", None)  # timm adds it in 1.0.9 (scale_norm)
+        norm = getattr(source, "norm", None)  # absent in timm 1.0.3
         self.norm = nn.Identity() if norm is None else norm
         self.gate = getattr(source, "gate", None)
         self.proj = source.proj
