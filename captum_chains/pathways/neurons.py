@@ -1,10 +1,11 @@
 """Activation neurons of critical pathways, found in any model, and the tracer that masks them.
 
 A neuron (Khakzar et al., CVPR 2021, Sec. 3) is one element of a rectifier output.
-:class:`ActivationTracer` finds every activation call through a ``TorchFunctionMode``
-(module or functional), identifies it by its call site, masks it, and records which
-convolutions produced its input (:class:`Producer`). Which nonlinearities count and how
-sites are keyed: ``docs/architecture.md`` ("Activation neurons of critical pathways").
+:class:`ActivationTracer` sees every activation call (module or functional) through the
+package's one instrumentation (:class:`captum_chains.units.trace.Instrumented`),
+identifies it by its call site, masks it, and records which convolutions produced its
+input (:class:`Producer`). Which nonlinearities count and how sites are keyed:
+``docs/architecture.md`` ("Activation neurons of critical pathways").
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.overrides import TorchFunctionMode
 
-from captum_chains._utils.hooks import this_thread_only
 from captum_chains._utils.model_state import eval_mode
 from captum_chains._utils.validation import format_additional_args, format_inputs, require_module
+from captum_chains.units import trace
+from captum_chains.units.trace import MODEL_CALL_CODE, Instrumented
 
 __all__ = [
     "ACTIVATION_KINDS",
@@ -130,7 +131,8 @@ _PASS_THROUGH = frozenset(
 )
 
 _TORCH_DIR = os.path.dirname(torch.__file__) + os.sep
-_THIS_FILE = __file__
+#: Frames of these files are the tracer's own, never the model's calling code.
+_TRACER_FILES = frozenset({__file__, trace.__file__})
 
 
 @dataclass(frozen=True)
@@ -203,13 +205,6 @@ def _identity_handler(index: int, out: Tensor) -> Tensor:
     return out
 
 
-def _call_model(model: nn.Module, inputs: tuple[Tensor, ...], args: tuple[Any, ...]) -> Any:
-    return model(*inputs, *args)
-
-
-_CALL_MODEL_CODE = _call_model.__code__
-
-
 def _activation_kind(func: Any, args: tuple, kwargs: dict) -> str | None:
     try:
         kind = _FUNCTION_KINDS.get(func)
@@ -222,14 +217,14 @@ def _activation_kind(func: Any, args: tuple, kwargs: dict) -> str | None:
 
 
 def _call_location() -> tuple[tuple[str, int] | None, str | None]:
-    """The first frame of model code (outside torch and this file) above the call."""
+    """The first frame of model code (outside torch and the tracer) above the call."""
     frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
-        if code is _CALL_MODEL_CODE:
+        if code is MODEL_CALL_CODE:
             return None, None
         filename = code.co_filename
-        if not filename.startswith(_TORCH_DIR) and filename != _THIS_FILE:
+        if not filename.startswith(_TORCH_DIR) and filename not in _TRACER_FILES:
             line = frame.f_lineno
             return (filename, line), f"{os.path.basename(filename)}:{line}"
         frame = frame.f_back
@@ -247,24 +242,15 @@ class _Call:
     producers: tuple[Producer, ...]
 
 
-class _Mode(TorchFunctionMode):
-    def __init__(self, tracer: ActivationTracer) -> None:
-        super().__init__()
-        self._tracer = tracer
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
-        return self._tracer._intercept(func, args, kwargs or {})
-
-
 class ActivationTracer:
     """Run a model with every activation output routed through a handler.
 
-    Use as a context manager: entering registers forward pre/post hooks on every
-    submodule (to know which module is running), leaving removes them in ``finally``.
-    Inside, :meth:`run` calls the model once. The first :meth:`run` defines the
-    :attr:`sites`; later runs must meet exactly the same sites (else ``RuntimeError``),
-    and hand each activation to ``handler(site_index, output)``, whose return value
-    replaces the activation in the rest of the forward pass.
+    Use as a context manager: entering instruments the model (forward pre/post hooks on
+    every module, see :class:`~captum_chains.units.trace.Instrumented`), leaving removes
+    the hooks in ``finally``. Inside, :meth:`run` calls the model once. The first
+    :meth:`run` defines the :attr:`sites`; later runs must meet exactly the same sites
+    (else ``RuntimeError``), and hand each activation to ``handler(site_index, output)``,
+    whose return value replaces the activation in the rest of the forward pass.
 
     The tracer does not change the model's mode or gradients; callers combine it with
     :func:`captum_chains._utils.model_state.eval_mode`.
@@ -280,57 +266,28 @@ class ActivationTracer:
     def __init__(self, model: nn.Module, activations: Sequence[str] = DEFAULT_ACTIVATIONS) -> None:
         self.model = require_module(model, "ActivationTracer")
         self.kinds = check_activations(activations)
-        self._names = {id(m): name for name, m in model.named_modules()}
-        self._modules = dict(model.named_modules())
-        self._handles: list[Any] = []
-        self._stack: list[str] = []
-        self._calls: list[_Call] = []
-        self._index: dict[tuple, int] = {}
+        self._view = _SiteView(model, self.kinds)
+        self._instrumented = Instrumented(model, self._view, root=True, exit_on_error=True)
         self._sites: tuple[NeuronSite, ...] | None = None
-        self._defining = False
-        self._handler: Handler = _identity_handler
-        self._occurrences: Counter = Counter()
-        self._seen: set[int] = set()
-        self._origins: dict[int, tuple[Tensor, frozenset[Producer]]] = {}
         self._active = False
 
     # -- context -----------------------------------------------------------------
     def __enter__(self) -> ActivationTracer:
         if self._active:
             raise RuntimeError("this ActivationTracer is already active")
-        try:
-            for module in self.model.modules():
-                self._handles.append(module.register_forward_pre_hook(this_thread_only(self._push)))
-                self._handles.append(
-                    module.register_forward_hook(this_thread_only(self._pop), always_call=True)
-                )
-        except BaseException:
-            self._remove_hooks()
-            raise
+        self._instrumented.__enter__()
         self._active = True
         return self
 
     def __exit__(self, *exc: object) -> None:
         self._active = False
-        self._remove_hooks()
-
-    def _remove_hooks(self) -> None:
-        handles, self._handles = self._handles, []
-        for handle in handles:
-            handle.remove()
-        self._stack.clear()
-
-    def _push(self, module: nn.Module, args: Any) -> None:
-        self._stack.append(self._names.get(id(module), "?"))
-
-    def _pop(self, module: nn.Module, args: Any, output: Any) -> None:
-        if self._stack:
-            self._stack.pop()
+        self._instrumented.__exit__(*exc)
+        self._view.stack.clear()
 
     # -- passes ------------------------------------------------------------------
     def key(self, index: int) -> tuple:
         """The site key of the activation ``index`` (usable inside a handler of any pass)."""
-        return self._calls[index].key
+        return self._view.calls[index].key
 
     @property
     def sites(self) -> tuple[NeuronSite, ...]:
@@ -348,22 +305,17 @@ class ActivationTracer:
         """Call the model once with ``handler`` applied to every activation output."""
         if not self._active:
             raise RuntimeError("use the tracer as a context manager: `with tracer: ...`")
-        self._defining = self._sites is None
-        self._handler = handler
-        self._occurrences = Counter()
-        self._seen = set()
-        self._stack.clear()
+        view = self._view
+        defining = self._sites is None
+        view.start(handler, defining)
         try:
-            with _Mode(self):
-                output = _call_model(self.model, inputs, additional_forward_args)
+            output = self._instrumented.run(*inputs, *additional_forward_args)
         finally:
-            self._origins = {}
-            self._handler = _identity_handler
-            self._stack.clear()
-        if self._defining:
+            view.finish()
+        if defining:
             self._define_sites()
-        elif len(self._seen) != len(self._sites or ()):
-            missing = [s.name for i, s in enumerate(self.sites) if i not in self._seen]
+        elif len(view.seen) != len(self._sites or ()):
+            missing = [s.name for i, s in enumerate(self.sites) if i not in view.seen]
             raise RuntimeError(
                 f"activation sites {missing[:5]} of the first pass were not reached; the "
                 "model's forward takes a different path now (data-dependent control flow "
@@ -372,7 +324,7 @@ class ActivationTracer:
         return output
 
     def _define_sites(self) -> None:
-        calls = self._calls
+        calls = self._view.calls
         if not calls:
             raise ValueError(
                 f"no activation neurons found in {type(self.model).__name__}'s forward pass; "
@@ -406,33 +358,91 @@ class ActivationTracer:
             )
         self._sites = tuple(sites)
 
-    # -- interception ------------------------------------------------------------
-    def _intercept(self, func: Any, args: tuple, kwargs: dict) -> Any:
+
+class _SiteView:
+    """The :class:`~captum_chains.units.trace.CallView` of an :class:`ActivationTracer`.
+
+    Keeps the stack of running modules, keys each activation call by site, hands its
+    output to the pass's handler and, in the first pass, records the sites and the
+    producers of their inputs. Tensors are held only during a pass.
+    """
+
+    def __init__(self, model: nn.Module, kinds: tuple[str, ...]) -> None:
+        self.kinds = kinds
+        self.modules = dict(model.named_modules())
+        self.stack: list[str] = []
+        self.calls: list[_Call] = []
+        self.index: dict[tuple, int] = {}
+        self.defining = False
+        self.handler: Handler = _identity_handler
+        self.occurrences: Counter = Counter()
+        self.seen: set[int] = set()
+        self.origins: dict[int, tuple[Tensor, frozenset[Producer]]] = {}
+
+    def start(self, handler: Handler, defining: bool) -> None:
+        """Begin a pass (the defining one records the sites anew)."""
+        self.defining = defining
+        self.handler = handler
+        self.occurrences = Counter()
+        self.seen = set()
+        self.stack.clear()
+        if defining:
+            self.calls = []
+            self.index = {}
+
+    def finish(self) -> None:
+        """End a pass: drop the tensors and the handler it held."""
+        self.origins = {}
+        self.handler = _identity_handler
+        self.stack.clear()
+
+    # -- the CallView ------------------------------------------------------------
+    def enter_module(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Module ``name`` starts running."""
+        self.stack.append(name)
+
+    def exit_module(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
+        """Module ``name`` returned (or raised)."""
+        if self.stack:
+            self.stack.pop()
+
+    def torch_function(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any
+    ) -> Any:
+        """An activation's output goes through the handler; other calls pass unchanged."""
         kind = _activation_kind(func, args, kwargs)
         if kind is None or kind not in self.kinds:
-            out = func(*args, **kwargs)
-            if self._defining and isinstance(out, Tensor):
+            if self.defining and isinstance(out, Tensor):
                 self._propagate(func, args, kwargs, out)
             return out
-        out = func(*args, **kwargs)
         if not isinstance(out, Tensor) or out.ndim == 0:
             return out
         index = self._site_index(kind, out, args)
-        replaced = self._handler(index, out)
-        if self._defining:
-            self._origins.pop(id(out), None)
+        replaced = self.handler(index, out)
+        if self.defining:
+            self.origins.pop(id(out), None)
         return replaced
 
+    # -- sites and producers -----------------------------------------------------
     def _site_index(self, kind: str, out: Tensor, args: tuple) -> int:
-        stack = tuple(self._stack)
+        stack = tuple(self.stack)
         location_key, location = _call_location()
         base = (stack, location_key, kind)
-        occurrence = self._occurrences[base]
-        self._occurrences[base] = occurrence + 1
+        occurrence = self.occurrences[base]
+        self.occurrences[base] = occurrence + 1
         key = (*base, occurrence)
-        if self._defining:
+        if self.defining:
             module_name = stack[-1] if stack else ""
-            module = self._modules.get(module_name)
+            module = self.modules.get(module_name)
             module_activation = (
                 module is not None
                 and next(module.children(), None) is None
@@ -440,7 +450,7 @@ class ActivationTracer:
             )
             first = args[0] if args and isinstance(args[0], Tensor) else None
             producers = self._producers_of(first) if first is not None else frozenset()
-            self._calls.append(
+            self.calls.append(
                 _Call(
                     key=key,
                     kind=kind,
@@ -451,20 +461,20 @@ class ActivationTracer:
                     producers=tuple(sorted(producers, key=lambda p: p.module)),
                 )
             )
-            self._index[key] = len(self._calls) - 1
-            return len(self._calls) - 1
-        index = self._index.get(key)
+            self.index[key] = len(self.calls) - 1
+            return len(self.calls) - 1
+        index = self.index.get(key)
         if index is None:
             raise RuntimeError(
                 f"an activation ({kind} in module {stack[-1] if stack else '<model>'!r} at "
                 f"{location}) appeared that the first pass did not meet; the model's forward "
                 "takes a different path now (data-dependent control flow is not supported)"
             )
-        self._seen.add(index)
+        self.seen.add(index)
         return index
 
     def _producers_of(self, tensor: Tensor) -> frozenset[Producer]:
-        entry = self._origins.get(id(tensor))
+        entry = self.origins.get(id(tensor))
         if entry is None or entry[0] is not tensor:
             return frozenset()
         return entry[1]
@@ -472,13 +482,13 @@ class ActivationTracer:
     def _propagate(self, func: Any, args: tuple, kwargs: dict, out: Tensor) -> None:
         name = getattr(func, "__name__", "")
         if name in _UNIT_FUNCTIONS:
-            module_name = self._stack[-1] if self._stack else ""
-            module = self._modules.get(module_name)
+            module_name = self.stack[-1] if self.stack else ""
+            module = self.modules.get(module_name)
             weight = args[1] if len(args) > 1 else kwargs.get("weight")
             if module is not None and getattr(module, "weight", None) is weight and out.ndim >= 2:
                 dim = 1 if name.startswith("conv") else out.ndim - 1
                 producer = Producer(module_name, dim, int(out.shape[dim]))
-                self._origins[id(out)] = (out, frozenset({producer}))
+                self.origins[id(out)] = (out, frozenset({producer}))
             return
         if name not in _PASS_THROUGH:
             return
@@ -488,7 +498,7 @@ class ActivationTracer:
                 found |= self._producers_of(arg)
         kept = frozenset(p for p in found if p.dim < out.ndim and out.shape[p.dim] == p.channels)
         if kept:
-            self._origins[id(out)] = (out, kept)
+            self.origins[id(out)] = (out, kept)
 
 
 def check_activations(activations: Sequence[str]) -> tuple[str, ...]:

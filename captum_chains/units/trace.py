@@ -1,13 +1,10 @@
-"""The one reader of a model: an instrumented forward pass that records its dataflow.
+"""The one instrumentation of a model's forward pass, and the dataflow trace read from it.
 
-:func:`trace_forward` runs the model once with forward (pre-)hooks on every module and a
-:class:`torch.overrides.TorchFunctionMode` that sees every torch function call between
-them. What ran is given two views: the :class:`Trace` that unit discovery reads (module
-calls, additions and layout operations such as ``out += identity`` or ``permute``), and
-any :class:`TraceView` passed in, which is told of every module call and function call
-as it happens (:func:`captum_chains.export.recording.record` writes them into an
-``fx.Graph``). Tensors are identified by Python identity and kept alive for the duration
-of the trace, so identities cannot be reused.
+:class:`Instrumented` registers forward (pre-)hooks on every module and runs the model
+under a :class:`torch.overrides.TorchFunctionMode`, reporting each module call and torch
+function call to a :class:`CallView` (which may replace function results).
+:func:`trace_forward` is one instrumented pass recorded into a :class:`Trace` (what unit
+discovery reads) and, optionally, told to a :class:`TraceView` as it happens.
 """
 
 from __future__ import annotations
@@ -105,11 +102,138 @@ class TraceView(Protocol):
         """The torch function ``func(*args, **kwargs)`` ran and returned ``result``."""
 
 
-class _Recorder(TorchFunctionMode):
-    """Forward (pre-)hooks and a torch function mode writing one pass into its views."""
+class CallView(Protocol):
+    """What an :class:`Instrumented` pass reports to, as it happens.
+
+    ``enter_module`` and ``exit_module`` run as forward (pre-)hooks and must return
+    ``None``; ``torch_function`` returns the value the model continues with.
+    """
+
+    def enter_module(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Module ``name`` is about to run ``forward(*args, **kwargs)``."""
+
+    def exit_module(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
+        """Module ``name`` returned ``output`` (``None`` after an error, see ``exit_on_error``)."""
+
+    def torch_function(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> Any:
+        """``func(*args, **kwargs)`` returned ``result``; the return value replaces it."""
+
+
+class _Mode(TorchFunctionMode):
+    """The package's one torch function mode: every call is reported to a view."""
+
+    def __init__(self, view: CallView) -> None:
+        super().__init__()
+        self._report = view.torch_function
+
+    def __torch_function__(
+        self,
+        func: Any,
+        types: Any,
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
+    ) -> Any:
+        if kwargs is None:
+            kwargs = {}
+        return self._report(func, args, kwargs, func(*args, **kwargs))
+
+
+class Instrumented:
+    """A model whose calls of :meth:`run` are reported to a :class:`CallView`.
+
+    Entering the context registers a forward pre-hook and a forward hook on every named
+    submodule, acting only in the entering thread
+    (:func:`~captum_chains._utils.hooks.this_thread_only`); leaving removes them, also
+    after an error. :meth:`run` calls the model under
+    :class:`~torch.overrides.TorchFunctionMode`, which is active only during that call.
+    Gradient mode and the model's train/eval mode are the caller's.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model.
+    view : CallView
+        Told of every module call and torch function call of each :meth:`run`.
+    root : bool, optional
+        Report the calls of ``model`` itself too, as module ``""``.
+    exit_on_error : bool, optional
+        Call ``view.exit_module`` also when a module's forward raises (``output=None``),
+        so that a view's module stack stays balanced when the model catches the error.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        view: CallView,
+        *,
+        root: bool = False,
+        exit_on_error: bool = False,
+    ) -> None:
+        self.model = model
+        self.view = view
+        self.root = root
+        self.exit_on_error = exit_on_error
+        self._handles: list[Any] = []
+        self._open = False
+
+    def __enter__(self) -> Instrumented:
+        if self._open:
+            raise RuntimeError("this Instrumented model is already entered")
+        enter, leave = self.view.enter_module, self.view.exit_module
+        try:
+            for name, module in self.model.named_modules():
+                if not (name or self.root):
+                    continue
+                pre = this_thread_only(functools.partial(enter, name), module)
+                post = this_thread_only(functools.partial(leave, name), module)
+                self._handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
+                self._handles.append(
+                    module.register_forward_hook(
+                        post, with_kwargs=True, always_call=self.exit_on_error
+                    )
+                )
+        except BaseException:
+            self._remove()
+            raise
+        self._open = True
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._remove()
+
+    def _remove(self) -> None:
+        self._open = False
+        handles, self._handles = self._handles, []
+        for handle in handles:
+            handle.remove()
+
+    def run(self, *args: Any) -> Any:
+        """``model(*args)``, every module and torch function call reported to the view."""
+        if not self._open:
+            raise RuntimeError("run() needs the context open: `with Instrumented(...) as m:`")
+        with _Mode(self.view):
+            return self.model(*args)
+
+
+#: The code that calls the model: frames above it are not the model's (see pathways).
+MODEL_CALL_CODE = Instrumented.run.__code__
+
+
+class _Recorder:
+    """The :class:`CallView` writing one pass into a :class:`Trace` and a :class:`TraceView`."""
 
     def __init__(self, view: TraceView | None) -> None:
-        super().__init__()
         self.trace = Trace()
         self.view = view
         self.count = 0
@@ -120,36 +244,40 @@ class _Recorder(TorchFunctionMode):
         self.count += 1
         return self.count
 
-    def pre(self, name: str, mod: nn.Module, args: tuple[Any, ...], kwargs: dict) -> None:
-        """Forward pre-hook of module ``name`` (with kwargs)."""
+    def enter_module(
+        self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> None:
+        """Open a :class:`ModuleCall` of ``name`` (its first tensor argument is its input)."""
         first = next((a for a in args if isinstance(a, torch.Tensor)), None)
-        call = ModuleCall(name=name, module=mod, start=self.tick())
+        call = ModuleCall(name=name, module=module, start=self.tick())
         if first is not None:
             self.trace.keep_alive.append(first)
             call.input_id, call.input_shape = id(first), tuple(first.shape)
         self.trace.calls.setdefault(name, []).append(call)
-        token = None if self.view is None else self.view.module_pre(name, mod, args, kwargs)
-        self.pending.setdefault(id(mod), []).append((call, token))
+        token = None if self.view is None else self.view.module_pre(name, module, args, kwargs)
+        self.pending.setdefault(id(module), []).append((call, token))
 
-    def post(self, name: str, mod: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        """Forward hook of module ``name`` (with kwargs)."""
-        call, token = self.pending[id(mod)].pop()
+    def exit_module(
+        self,
+        name: str,
+        module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: Any,
+    ) -> None:
+        """Close the open call of ``name`` with its output."""
+        call, token = self.pending[id(module)].pop()
         call.end = self.tick()
         if isinstance(output, torch.Tensor):
             self.trace.keep_alive.append(output)
             call.output_id, call.output_shape = id(output), tuple(output.shape)
         if self.view is not None:
-            self.view.module_post(token, name, mod, output)
+            self.view.module_post(token, name, module, output)
 
-    def __torch_function__(
-        self,
-        func: Any,
-        types: Any,
-        args: tuple[Any, ...] = (),
-        kwargs: dict[str, Any] | None = None,
+    def torch_function(
+        self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
     ) -> Any:
-        kwargs = kwargs or {}
-        result = func(*args, **kwargs)
+        """Record an addition or layout change; tell the view of every call."""
         op = getattr(func, "__name__", "")
         if op in _ADD_OPS or op in _LAYOUT_OPS:
             operands = tuple(id(a) for a in args if isinstance(a, torch.Tensor))
@@ -172,9 +300,10 @@ def trace_forward(
 ) -> Trace:
     """Run ``model(*inputs, *additional_args)`` once under no_grad and record its dataflow.
 
-    The caller is responsible for the model's mode (see
+    One :class:`Instrumented` pass. The caller is responsible for the model's mode (see
     :func:`captum_chains._utils.model_state.eval_mode`). All hooks are removed before
-    this function returns, also when the forward pass raises.
+    this function returns, also when the forward pass raises. Tensors are identified by
+    Python identity and kept alive in the trace, so identities cannot be reused.
 
     Parameters
     ----------
@@ -193,17 +322,6 @@ def trace_forward(
         The module calls, additions and layout operations of the pass, and its output.
     """
     recorder = _Recorder(view)
-    handles = []
-    try:
-        for name, module in model.named_modules():
-            if name:
-                pre = this_thread_only(functools.partial(recorder.pre, name))
-                post = this_thread_only(functools.partial(recorder.post, name))
-                handles.append(module.register_forward_pre_hook(pre, with_kwargs=True))
-                handles.append(module.register_forward_hook(post, with_kwargs=True))
-        with torch.no_grad(), recorder:
-            recorder.trace.output = model(*inputs, *additional_args)
-    finally:
-        for h in handles:
-            h.remove()
+    with Instrumented(model, recorder) as instrumented, torch.no_grad():
+        recorder.trace.output = instrumented.run(*inputs, *additional_args)
     return recorder.trace
