@@ -74,6 +74,14 @@ for attention modules whose heads are not reached through a child ``nn.Linear`` 
 ``nn.MultiheadAttention``, scored at a :data:`SITE_HOOKS` hook; ``None`` hook: the heads
 cannot be scored); ``None``: not such a module."""
 
+TokenPrefix = tuple[bool, int, "str | None"]
+TokenRule = Callable[[nn.Module], "TokenPrefix | None"]
+
+TOKEN_PREFIXES: list[TokenRule] = []
+"""Rules ``rule(vit) -> (class token?, register tokens, pooling name or None)`` read from a
+ViT's attributes (``None``: not a model of the rule's family); :func:`token_layout
+<captum_chains.units.vit.token_layout>` reads the grid and the token count from the pass."""
+
 PatchGeometry = tuple["tuple[int, int] | None", "tuple[int, int]", bool, bool]
 PatchRule = Callable[[nn.Module], "PatchGeometry | None"]
 

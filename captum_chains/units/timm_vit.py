@@ -1,7 +1,8 @@
 """timm's vision transformers: their ``PatchEmbed`` and ``Attention``.
 
 The only module that knows their names. It registers, in :mod:`captum_chains.units.adapters`,
-the patch geometry of timm's patch embeddings (for the input check) and, for the export,
+the patch geometry of timm's patch embeddings (for the input check), the class and register
+tokens of timm's ViTs (for :func:`~captum_chains.units.vit.token_layout`) and, for the export,
 the canonical form ``qkv -> HeadCore -> norm -> proj`` of timm's ``Attention``. Nothing
 here imports timm: a model that uses timm has already imported it.
 """
@@ -17,13 +18,20 @@ from captum_chains._utils.optional import loaded_class
 from captum_chains.units.adapters import (
     CANONICALIZERS,
     PATCH_EMBEDDINGS,
+    TOKEN_PREFIXES,
     PatchGeometry,
+    TokenPrefix,
     as_pair,
     register,
 )
 from captum_chains.units.head_core import HeadCore
 
-__all__ = ["CanonicalAttention", "canonical_timm_attention", "timm_patch_embedding"]
+__all__ = [
+    "CanonicalAttention",
+    "canonical_timm_attention",
+    "timm_patch_embedding",
+    "timm_token_prefix",
+]
 
 
 def timm_patch_embedding(module: nn.Module) -> PatchGeometry | None:
@@ -40,6 +48,17 @@ def timm_patch_embedding(module: nn.Module) -> PatchGeometry | None:
         bool(module.strict_img_size),
         bool(getattr(module, "dynamic_img_pad", False)),
     )
+
+
+def timm_token_prefix(model: nn.Module) -> TokenPrefix | None:
+    """Class token, register tokens and pooling of a timm ViT (``cls_token``,
+    ``num_reg_tokens``, ``global_pool``), else ``None``."""
+    if not hasattr(model, "cls_token") and not hasattr(model, "global_pool"):
+        return None
+    pool = getattr(model, "global_pool", None)
+    registers = int(getattr(model, "num_reg_tokens", 0) or 0)
+    class_token = isinstance(getattr(model, "cls_token", None), torch.Tensor)
+    return class_token, registers, pool if isinstance(pool, str) and pool else None
 
 
 # ---------------------------------------------------------------------------- export
@@ -87,4 +106,5 @@ def canonical_timm_attention(module: nn.Module) -> nn.Module | None:
 
 
 register(PATCH_EMBEDDINGS, timm_patch_embedding)
+register(TOKEN_PREFIXES, timm_token_prefix)
 register(CANONICALIZERS, canonical_timm_attention)

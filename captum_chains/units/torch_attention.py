@@ -24,7 +24,9 @@ from captum_chains.units.adapters import (
     PATCH_EMBEDDINGS,
     SITE_HOOKS,
     SITE_RESOLVERS,
+    TOKEN_PREFIXES,
     PatchGeometry,
+    TokenPrefix,
     as_pair,
     register,
 )
@@ -145,6 +147,14 @@ def torchvision_patch_embedding(module: nn.Module) -> PatchGeometry | None:
     return as_pair(module.image_size), patch, True, False
 
 
+def torchvision_token_prefix(model: nn.Module) -> TokenPrefix | None:
+    """torchvision's ``VisionTransformer`` reads its ``class_token``, else ``None``."""
+    token = getattr(model, "class_token", None)
+    if not isinstance(token, torch.Tensor):
+        return None
+    return True, 0, None
+
+
 # ---------------------------------------------------------------------------- export
 class CanonicalMultiheadAttention(nn.Module):
     """``nn.MultiheadAttention`` (self-attention, no masks) as ``in_proj -> HeadCore -> out_proj``.
@@ -213,5 +223,6 @@ def resolve_mha_site(unit: UnitLayer) -> tuple[str, str] | None:
 SITE_HOOKS.setdefault(MHA_HOOK, register_mha_head_hook)
 register(ATTENTION_HEADS, multihead_heads)
 register(PATCH_EMBEDDINGS, torchvision_patch_embedding)
+register(TOKEN_PREFIXES, torchvision_token_prefix)
 register(CANONICALIZERS, canonical_multihead_attention)
 register(SITE_RESOLVERS, resolve_mha_site)

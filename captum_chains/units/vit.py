@@ -21,6 +21,7 @@ from captum_chains.units.adapters import (
     ATTENTION_HEADS,
     INPUT_CHECKS,
     PATCH_EMBEDDINGS,
+    TOKEN_PREFIXES,
     AdapterResult,
     register,
 )
@@ -101,19 +102,13 @@ def token_layout(model: nn.Module, inputs: torch.Tensor | tuple[torch.Tensor, ..
     grid = (int(embed.output_shape[-2]), int(embed.output_shape[-1]))
     num_tokens = int(first.input_shape[1]) if len(first.input_shape) == 3 else grid[0] * grid[1]
     prefix = num_tokens - grid[0] * grid[1] if len(first.input_shape) == 3 else 0
-    class_token = _has_class_token(model)
-    registers = int(getattr(model, "num_reg_tokens", 0) or 0)
-    pool = getattr(model, "global_pool", None)
-    if not isinstance(pool, str) or not pool:
+    class_token, registers, pool = next(
+        (found for rule in TOKEN_PREFIXES if (found := rule(model)) is not None),
+        (False, 0, None),
+    )
+    if not pool:
         pool = "token" if class_token else "avg"
     return TokenLayout(num_tokens, prefix, class_token, registers, grid, pool)
-
-
-def _has_class_token(model: nn.Module) -> bool:
-    for attr in ("cls_token", "class_token"):
-        if isinstance(getattr(model, attr, None), torch.Tensor):
-            return True
-    return False
 
 
 # ---------------------------------------------------------------------------- input check
