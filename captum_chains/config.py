@@ -81,6 +81,14 @@ class ChainConfig:
         Run the masked forward pass under ``torch.autocast`` in this dtype (for GPUs with
         fast low-precision matmuls); the KL, the penalties, the scores and gates stay in
         float32. ``None`` (default): full precision.
+    batch_size : int, optional
+        Inputs per region in each optimization and fine-tuning step: a fresh random subset
+        of the region (seeded by ``sample_seed``), so each step estimates the KL of Eq. 8
+        stochastically at a fraction of the cost. ``None`` (default), or at least the
+        region's size: every input in every step. Thresholding and the fine-tuning decision
+        always use the whole region.
+    sample_seed : int
+        Seed of the subsets drawn when ``batch_size`` is set.
     """
 
     l1: float | None = None
@@ -106,6 +114,8 @@ class ChainConfig:
     layer_gates: bool = False
     compile: bool | str = False
     autocast: Literal["bfloat16", "float16"] | None = None
+    batch_size: int | None = None
+    sample_seed: int = 0
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -136,6 +146,15 @@ class ChainConfig:
         for name in ("steps", "finetune_steps", "early_stop_min_steps", "descent_steps"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ChainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.batch_size is not None and (
+            isinstance(self.batch_size, bool)
+            or not isinstance(self.batch_size, int)
+            or self.batch_size < 1
+        ):
+            raise ValueError(
+                f"ChainConfig.batch_size must be a positive int (inputs per step) or None "
+                f"(all inputs), got {self.batch_size!r}"
+            )
         if not 0 < self.gate_threshold < 1:
             raise ValueError(
                 f"ChainConfig.gate_threshold must lie in (0, 1), got {self.gate_threshold}"
@@ -181,6 +200,7 @@ class ChainConfig:
             finetune_steps=50,
             finetune_lr=0.01,
             layer_gates=True,
+            batch_size=None,
         )
         return paper.replace(**changes) if changes else paper
 

@@ -41,6 +41,7 @@ from captum_chains._utils.validation import (
     format_additional_args,
     format_inputs,
     format_target,
+    index_batch,
     repeat_additional_args,
     slice_additional_args,
 )
@@ -500,6 +501,8 @@ class _Optimization:
                 "(e.g. normalization), or run the model in float32/float64"
             )
         self.log_p = F.log_softmax(logits.float(), dim=1)
+        self.per_region = batch[0].shape[0] // regions
+        self.sampler = torch.Generator().manual_seed(config.sample_seed)
         self.forward = _compiled(model, config.compile)
         self.start = time.perf_counter()
         self.histories: list[list[dict[str, Any]]] = [[] for _ in range(regions)]
@@ -529,22 +532,51 @@ class _Optimization:
             }
 
     def _forward_kl(
-        self, state: MaskState, scores: torch.Tensor, gates: torch.Tensor | None, hard: bool = False
+        self,
+        state: MaskState,
+        scores: torch.Tensor,
+        gates: torch.Tensor | None,
+        hard: bool = False,
+        sample: bool = False,
     ) -> torch.Tensor:
+        """KL per region of the scored network; on a random subset of each region when
+        ``sample`` and ``batch_size`` ask for one (an optimization step)."""
         self._state(scores, gates, state, hard)
+        inputs, extra, log_p, targets = self._step_inputs() if sample else self._whole()
         with self._autocast():
-            logits = self._run_model()
-        return kl_divergence(self.log_p, logits.float(), self.k, self.targets)
+            logits = self._run_model(inputs, extra)
+        return kl_divergence(log_p, logits.float(), self.k, targets)
 
-    def _run_model(self) -> torch.Tensor:
+    def _whole(self) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor, Any]:
+        return self.batch, self.extra, self.log_p, self.targets
+
+    def _step_inputs(self) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor, Any]:
+        """Inputs, extra arguments, original log-probabilities and targets of one step:
+        ``batch_size`` inputs drawn without replacement from each region."""
+        size, n = self.config.batch_size, self.per_region
+        if size is None or size >= n:
+            return self._whole()
+        picks = torch.stack(
+            [torch.randperm(n, generator=self.sampler)[:size] for _ in range(self.k)]
+        )
+        index = (picks + n * torch.arange(self.k).view(-1, 1)).flatten().to(self.device)
+        inputs, extra = index_batch(self.batch, self.extra, self.batch[0].shape[0], index)
+        targets = None if self.targets is None else self.targets[index]
+        return inputs, extra, self.log_p[index], targets
+
+    def _run_model(
+        self, inputs: tuple[torch.Tensor, ...] | None = None, extra: tuple[Any, ...] | None = None
+    ) -> torch.Tensor:
+        inputs = self.batch if inputs is None else inputs
+        extra = self.extra if extra is None else extra
         try:
-            return self.forward(*self.batch, *self.extra)
+            return self.forward(*inputs, *extra)
         except Exception as err:
             if self.forward is self.model:
                 raise
             warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
             self.forward = self.model
-            return self.model(*self.batch, *self.extra)
+            return self.model(*inputs, *extra)
 
     def _autocast(self) -> Any:
         """``torch.autocast`` in the configured dtype, or a no-op context."""
@@ -761,7 +793,7 @@ class _Optimization:
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for step in bar:
             gates = torch.sigmoid(alphas / cfg.temperature) if use_gates else None
-            kl = self._forward_kl(state, scores, gates)
+            kl = self._forward_kl(state, scores, gates, sample=True)
             _check_finite(kl, step)
             l1 = l1_penalty(scores)
             gp = (
@@ -854,7 +886,7 @@ class _Optimization:
         bar = tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress, leave=False)
         zeros = torch.zeros_like(final[:, :0])
         for step in bar:
-            kl = self._forward_kl(state, scores, hard, hard=True)
+            kl = self._forward_kl(state, scores, hard, hard=True, sample=True)
             _set_gradients(kl.sum(), [scores])
             assert scores.grad is not None
             scores.grad.mul_(keep)

@@ -683,3 +683,22 @@ def test_paper_flag_and_fidelity_limits_need_their_option(
     assert code == 0, err
     saved = json.loads((out / "chain.json").read_text())
     assert "adam" in json.dumps(saved)
+
+
+def test_inputs_per_step_sets_the_stochastic_batch(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = work / "chain_stochastic"
+    argv = [
+        "extract", "--model", "digits_vgg", "--weights", str(work / "vgg.pt"),
+        "--images", str(work / "images"), "--out", str(out), "--steps", "6",
+        "--finetune-steps", "0", "--inputs-per-step", "2", "--device", "cpu", "--quiet",
+    ]  # fmt: skip
+    code, _, err = _main(argv, capsys)
+    assert code == 0, err
+    saved = json.loads((out / "chain.json").read_text())
+    assert '"batch_size": 2' in json.dumps(saved)
+    with pytest.raises(SystemExit) as info:
+        main([a if a != "2" else "0" for a in argv])
+    assert info.value.code == 2
+    assert "--inputs-per-step" in capsys.readouterr().err

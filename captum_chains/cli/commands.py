@@ -168,10 +168,10 @@ def _config(args: argparse.Namespace) -> ChainConfig:
     from captum_chains.config import ChainConfig
 
     overrides: dict[str, Any] = {}
-    for name in ("steps", "finetune_steps", "l1", "gate_penalty", "lr"):
+    for name in ("steps", "finetune_steps", "l1", "gate_penalty", "lr", "inputs_per_step"):
         value = getattr(args, name, None)
         if value is not None:
-            overrides[name] = value
+            overrides["batch_size" if name == "inputs_per_step" else name] = value
     if args.no_gates:
         overrides["use_gates"] = False
     if args.compile:

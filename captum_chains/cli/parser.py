@@ -142,6 +142,12 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--lr", type=_positive, help="learning rate of the scores (default 0.005)")
     group.add_argument(
+        "--inputs-per-step",
+        type=_count,
+        help="a random subset of this many inputs per optimization step (ChainConfig.batch_size; "
+        "default: every input)",
+    )
+    group.add_argument(
         "--l1", type=_nonnegative, help="lambda, l1 weight (default: per model family)"
     )
     group.add_argument(
