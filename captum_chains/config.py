@@ -86,7 +86,7 @@ class ChainConfig:
         of the region (seeded by ``sample_seed``), so each step estimates the KL of Eq. 8
         stochastically at a fraction of the cost. ``None`` (default), or at least the
         region's size: every input in every step. Thresholding and the fine-tuning decision
-        always use the whole region.
+        always use the whole region; the per-step KL in the chain's history is the subset's.
     sample_seed : int
         Seed of the subsets drawn when ``batch_size`` is set.
     """
