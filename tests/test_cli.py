@@ -35,7 +35,9 @@ COMMANDS = ("extract", "show", "report", "export", "evaluate", "study", "demo")
 
 
 def _command() -> list[str]:
-    exe = shutil.which("captum-chains")
+    """The console script installed next to this interpreter (not another one on PATH:
+    CI runs these tests in a second venv while the first is activated), else ``-m``."""
+    exe = shutil.which("captum-chains", path=str(Path(sys.executable).parent))
     return [exe] if exe else [sys.executable, "-m", "captum_chains.cli"]
 
 
