@@ -4,7 +4,7 @@ Each family module (:mod:`~captum_chains.units.timm_cnn`,
 :mod:`~captum_chains.units.timm_vit`, :mod:`~captum_chains.units.torch_attention`, the
 transformer adapter in :mod:`~captum_chains.units.vit`) appends its rules to the lists
 below when imported; discovery, masking and export consult only these lists. To support
-a new architecture, write rules of these shapes (see ``docs/architecture.md``, "Adding a
+a new architecture, write rules of these shapes (see ``docs/architecture.md``, "Where to add a
 model family", and the how-to page "Your own model").
 """
 
