@@ -26,7 +26,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -323,7 +323,7 @@ def _layer_gates(trace: Trace, units: list[UnitLayer]) -> list[GateSpec]:
             continue
         conv = trace.single_call(u.name)
         site = trace.single_call(u.site)
-        if conv is None or site is None:
+        if conv is None or site is None or u.hook not in ("output", "input"):
             continue
         site_shape = site.output_shape if u.hook == "output" else site.input_shape
         if conv.input_shape is not None and conv.input_shape == site_shape:
@@ -333,7 +333,7 @@ def _layer_gates(trace: Trace, units: list[UnitLayer]) -> list[GateSpec]:
                     kind="layer",
                     start=u.name,
                     end=u.site,
-                    end_hook=u.hook,
+                    end_hook=cast(HookPoint, u.hook),
                     units=(u.name,),
                 )
             )

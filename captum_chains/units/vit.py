@@ -204,10 +204,12 @@ def _attention(model: nn.Module, trace: Trace, name: str, module: nn.Module) -> 
     proj = model.get_submodule(proj_name)
     assert isinstance(proj, nn.Linear)
     width = proj.in_features
-    head_dim = getattr(module, "head_dim", None)
-    if not isinstance(head_dim, int) or head_dim * heads != width:
-        if width % heads:
-            return None
+    declared = getattr(module, "head_dim", None)
+    if isinstance(declared, int) and declared * heads == width:
+        head_dim = declared
+    elif width % heads:
+        return None
+    else:
         head_dim = width // heads
     shape = proj_call.input_shape
     if shape is None or len(shape) < 3 or shape[-1] != width:
