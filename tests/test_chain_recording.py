@@ -17,6 +17,7 @@ import networkx as nx
 import pytest
 import torch
 from conftest import TwoConv, as_chain, make_inputs, make_model, randomize_bn
+from fx_oracle import trace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -25,7 +26,7 @@ from captum_chains import chains
 from captum_chains.chains import chain_graph, strongest_path_list
 from captum_chains.export.recording import record, set_item
 from captum_chains.export.rules import function_rule, method_rule
-from captum_chains.export.tracing import ExportError, trace, working_copy
+from captum_chains.export.tracing import ExportError, working_copy
 from captum_chains.subnetwork import subnetwork_from_mappings
 from captum_chains.units import discover
 
@@ -60,7 +61,7 @@ def _random_sub(model: nn.Module, x: torch.Tensor, seed: int, close: bool = Fals
 
 
 def _fx_record(work: nn.Module, inputs: tuple[torch.Tensor, ...]):
-    """The previous reader of the chain graph: torch.fx symbolic tracing."""
+    """An independent reader: torch.fx symbolic tracing (tests/fx_oracle.py)."""
     return trace(work)
 
 
@@ -100,8 +101,13 @@ def test_recording_gives_every_tensor_operation_a_target_with_an_export_rule():
         assert rule is not None, (node.op, node.target)
     targets = {n.target for n in calls if n.target is not set_item}
     assert {"view", "relu_", torch.flatten} <= targets
-    assert len(calls) == 11  # mul, view, view, add, add_, div, sub, set_item, getitem, ...
+    # mul, view, view, add, add_, div, sub, set_item, getitem, ... and the sizes, as symbolic
+    # tracing records them: getattr(x, "shape") twice, getitem 0 of the first
+    assert len(calls) == 14
+    assert sum(n.target is getattr for n in calls) == 2
     torch.testing.assert_close(gm(x), Ops()(x))
+    bigger = torch.randn(5, 3, 4)  # the sizes stay symbolic: another batch size runs too
+    torch.testing.assert_close(gm(bigger), Ops()(bigger))
 
 
 @pytest.mark.parametrize("family", ["plain", "residual"])

@@ -11,7 +11,7 @@ ExportReport, count_parameters, count_macs
 Rule, ChannelInfo, Decline, register_module_rule, register_function_rule, register_method_rule
     Extension point: teach the export a new layer type (see ``docs/export.md``).
 CANONICALIZERS, SITE_RESOLVERS, EXTENSIONS
-    Rewrite modules of the private copy before tracing; place scores of special unit
+    Rewrite modules of the private copy before recording; place scores of special unit
     hooks; modules imported before the first export (``captum_chains.export.vit``).
 """
 

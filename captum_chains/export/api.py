@@ -2,7 +2,8 @@
 
 The export works on a private copy of the model in five steps:
 
-1. trace the copy with ``torch.fx`` (:mod:`~captum_chains.export.tracing`);
+1. record the copy's forward pass as a graph whose sizes stay symbolic
+   (:func:`~captum_chains.export.recording.record`, the package's one model reader);
 2. write the SubNetwork into the graph: scores as explicit per-channel products at
    their sites (Eq. 3 of Wang, Zhou and Bilmes, TMLR 2022), closed gates as identities
    (Eq. 7 with ``G = 0``); this graph equals the SubNetwork (checked);
@@ -31,6 +32,7 @@ from captum_chains._utils.validation import format_inputs, model_device
 from captum_chains.export import rules_layers as _rules_layers  # noqa: F401  (registers rules)
 from captum_chains.export.analysis import Analysis, describe
 from captum_chains.export.build import Builder
+from captum_chains.export.recording import record
 from captum_chains.export.report import (
     ExportReport,
     count_macs,
@@ -38,7 +40,7 @@ from captum_chains.export.report import (
     verify,
 )
 from captum_chains.export.rules_ops import SPECIAL
-from captum_chains.export.tracing import ExportError, apply_subnetwork, trace, working_copy
+from captum_chains.export.tracing import ExportError, apply_subnetwork, working_copy
 from captum_chains.units.base import ModelStructure
 from captum_chains.units.discovery import architecture_fingerprint
 
@@ -127,7 +129,7 @@ def export_subnetwork(
 
     load_extensions()
     work = working_copy(model)
-    gm, tracer = trace(work)
+    gm, tracer = record(work, example, generic=True)
     scores = {
         n: subnetwork.scores[a:b].detach().to(device) for n, (a, b) in structure.offsets().items()
     }
@@ -141,7 +143,7 @@ def export_subnetwork(
         raise ExportError(
             "the traced model does not reproduce the SubNetwork (max difference "
             f"{float((traced_out - sub_out).abs().max()):.3g}); the model's forward may depend on "
-            "something torch.fx cannot see (e.g. hooks or global state)"
+            "something the recording cannot see (e.g. hooks or global state)"
         )
 
     analysis = Analysis(gm, example, SPECIAL)

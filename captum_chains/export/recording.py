@@ -2,15 +2,13 @@
 
 :func:`record` runs the model once on real inputs through the package's one model reader
 (:func:`captum_chains.units.trace.trace_forward`) and writes what ran into an
-``fx.Graph``: leaf modules (the same leaves as :func:`captum_chains.export.tracing.trace`)
-become ``call_module`` nodes, tensor functions and methods between them
-``call_function`` / ``call_method`` nodes with the targets symbolic tracing would give
-(``operator.add`` for ``x + y``, ``"view"`` for ``x.view(...)``). Python control flow
-is resolved by the run itself, so models with data-dependent ``if`` statements record
-fine; the graph is specialised to the recorded inputs (their batch size and the branches
-they took). It has the interface of the traced graph (``calls`` and ``leaves`` of each
-module), so :func:`~captum_chains.export.tracing.apply_subnetwork` and the export's
-channel analysis run on it unchanged.
+``fx.Graph``: leaf modules (:func:`captum_chains.export.tracing.is_leaf`) become
+``call_module`` nodes, tensor functions and methods between them ``call_function`` /
+``call_method`` nodes with the targets symbolic tracing would give (``operator.add`` for
+``x + y``, ``"view"`` for ``x.view(...)``). Sizes read from tensors stay symbolic
+(:class:`TrackedInt`), so the graph runs at other batch and image sizes; Python control
+flow is resolved by the run (``generic=True`` refuses control flow on tensor values). The
+chain graph and the export both read models this way.
 """
 
 from __future__ import annotations
@@ -23,7 +21,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from captum_chains.export.tracing import ExportError, _Tracer
+from captum_chains.export.tracing import ExportError, is_leaf, library_leaves
 from captum_chains.units.trace import trace_forward
 
 #: Tensor dunder methods and the ``operator`` functions symbolic tracing records for
@@ -50,6 +48,72 @@ _DUNDERS: dict[str, tuple[Callable[..., Any], bool]] = {
 }
 
 
+class TrackedInt(int):
+    """A size read from a recorded tensor, with the graph node that computes it.
+
+    The recording hands these to the model in place of the ints of ``x.shape`` /
+    ``x.size()``; integer arithmetic on them (``B * N``, ``H // 16``) gives tracked ints
+    with nodes of their own. A recorded call that receives one gets its node, so sizes
+    derived from the input (the batch size of ``cls_token.expand(x.shape[0], -1, -1)``,
+    a grid side) stay symbolic in the recorded program instead of being frozen. Anything
+    else done with them (``int(B)``, ``if B > 1``, float arithmetic) uses the recorded value.
+    """
+
+    view: _GraphView
+    _node: fx.Node | None
+    _item_of: tuple[fx.Node, int] | None
+
+    def __new__(
+        cls,
+        value: int,
+        node: fx.Node | None,
+        view: _GraphView,
+        item_of: tuple[fx.Node, int] | None = None,
+    ) -> TrackedInt:
+        tracked = super().__new__(cls, value)
+        tracked._node, tracked.view, tracked._item_of = node, view, item_of
+        return tracked
+
+    @property
+    def node(self) -> fx.Node:
+        """The node computing this int (an item of a size is written when first used)."""
+        if self._node is None:
+            assert self._item_of is not None
+            self._node = self.view._create("call_function", operator.getitem, self._item_of, {})
+        return self._node
+
+    def __reduce__(self) -> Any:  # copies and pickles are plain ints
+        return (int, (int(self),))
+
+
+def _tracked_operator(op: Callable[[int, int], int], reflected: bool = False) -> Any:
+    """``TrackedInt.__op__``: an int result with a node when the other operand is an int."""
+
+    def method(self: TrackedInt, other: Any) -> Any:
+        if not isinstance(other, int) or isinstance(other, bool):
+            plain = getattr(int, f"__{'r' if reflected else ''}{op.__name__}__")
+            return plain(int(self), other)
+        a, b = (other, self) if reflected else (self, other)
+        value = op(int(a), int(b))
+        args = (self.view.node_of(a), self.view.node_of(b))
+        return TrackedInt(value, self.view._create("call_function", op, args, {}), self.view)
+
+    return method
+
+
+for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod):
+    setattr(TrackedInt, f"__{_op.__name__}__", _tracked_operator(_op))
+    setattr(TrackedInt, f"__r{_op.__name__}__", _tracked_operator(_op, reflected=True))
+
+
+def _negate(self: TrackedInt) -> TrackedInt:
+    node = self.view._create("call_function", operator.neg, (self.node,), {})
+    return TrackedInt(-int(self), node, self.view)
+
+
+TrackedInt.__neg__ = _negate  # type: ignore[method-assign,assignment]  # int's stubs
+
+
 class Recording:
     """Where each module's calls start and end in the recorded graph.
 
@@ -70,12 +134,15 @@ class Recording:
 class _GraphView:
     """The ``fx.Graph`` view of a traced pass: every tensor operation outside leaf modules."""
 
-    def __init__(self, root: nn.Module, graph: fx.Graph, recording: Recording) -> None:
+    def __init__(
+        self, root: nn.Module, graph: fx.Graph, recording: Recording, generic: bool = False
+    ) -> None:
         self.root = root
+        self.generic = generic
         self.graph = graph
         self.recording = recording
-        tracer = _Tracer()
-        self.leaf = {n: tracer.is_leaf_module(m, n) for n, m in root.named_modules() if n}
+        leaves = library_leaves()
+        self.leaf = {n: is_leaf(m, leaves) for n, m in root.named_modules() if n}
         self.env: dict[int, fx.Node] = {}
         self.alive: list[Any] = []  # recorded tensors stay alive: ids are never reused
         self.named = {id(t): n for n, t in root.named_parameters(remove_duplicate=False)}
@@ -86,7 +153,18 @@ class _GraphView:
 
     # ------------------------------------------------------------------ values
     def node_of(self, value: Any) -> Any:
-        """``value`` with every tensor replaced by the node that computed it."""
+        """``value`` with every tensor and tracked size replaced by the node that computed it."""
+        if isinstance(value, TrackedInt):
+            return value.node
+        if (
+            isinstance(value, torch.Size)
+            and value
+            and all(
+                isinstance(v, TrackedInt) and v._item_of == (value[0]._item_of[0], i)  # type: ignore[index]
+                for i, v in enumerate(value)
+            )
+        ):
+            return value[0]._item_of[0]  # type: ignore[index]  # a whole, unchanged size
         if isinstance(value, torch.Tensor):
             node = self.env.get(id(value))
             if node is None:
@@ -129,20 +207,52 @@ class _GraphView:
     # ------------------------------------------------------------------ the view
     def function(
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
-    ) -> None:
-        """Write ``result = func(*args, **kwargs)`` as a node, unless inside a leaf."""
+    ) -> Any:
+        """Write ``result = func(*args, **kwargs)`` as a node, unless inside a leaf; return
+        ``result`` (sizes of a tensor as :class:`TrackedInt`)."""
         if self.leaf_depth:
-            return
-        mapped = (self.node_of(args), self.node_of(kwargs)) if _has_tensor(args, kwargs) else None
+            return result
+        if self.generic and getattr(func, "__name__", "") in _VALUE_READS:
+            self._refuse_value_read(func, args)
+        traced = _has_tensor(args, kwargs)
+        mapped = (self.node_of(args), self.node_of(kwargs)) if traced else None
         if getattr(func, "__name__", "") == "__setitem__" and mapped:
             # ``x[i] = v`` changes x in place: later readers of x read a set_item node
             self.bind(args[0], self._create("call_function", set_item, mapped[0], {}))
-            return
+            return result
+        if mapped and _is_size(func, result):
+            op, target, node_args = _target(func, mapped[0])
+            node = self._create(op, target, tuple(node_args), dict(mapped[1]))
+            return self._track(result, node)
         if not _has_tensor(result):
-            return
+            return result
         op, target, node_args = _target(func, mapped[0] if mapped else args)
         node_kwargs = mapped[1] if mapped else kwargs
         self.bind(result, self._create(op, target, tuple(node_args), dict(node_kwargs)))
+        return result
+
+    def _refuse_value_read(self, func: Any, args: tuple[Any, ...]) -> None:
+        """Raise if the model reads a computed tensor's value in Python (``if x.sum() > 0``):
+        a program that holds for any input cannot be recorded from one pass."""
+        tensor = args[0] if args and isinstance(args[0], torch.Tensor) else None
+        node = None if tensor is None else self.env.get(id(tensor))
+        if node is None or node.op == "get_attr":
+            return  # a parameter, buffer or constant: the same for every input
+        name, kind = self.stack[-1] if self.stack else ("", type(self.root))
+        raise ExportError(
+            f"module {name or '<model>'!r} ({kind.__name__}) reads a tensor's value in "
+            f"Python ({getattr(func, '__qualname__', func)}), so its forward depends on the "
+            "data and no program recorded from one pass holds for other inputs. Register an "
+            "export rule with leaf=True for this module type "
+            "(captum_chains.export.register_module_rule) or make its forward free of "
+            "data-dependent Python control flow"
+        )
+
+    def _track(self, size: Any, node: fx.Node) -> Any:
+        """``size`` (an int or a ``torch.Size``) as tracked ints computed by ``node``."""
+        if isinstance(size, int):
+            return TrackedInt(size, node, self)
+        return torch.Size(TrackedInt(v, None, self, (node, i)) for i, v in enumerate(size))
 
     def module_pre(
         self, name: str, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -190,9 +300,24 @@ def set_item(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     return out
 
 
+#: Tensor methods that turn a tensor's value into a Python value (control flow on data).
+_VALUE_READS = frozenset({"__bool__", "item", "__int__", "__float__", "__index__", "tolist"})
+
+
+def _is_size(func: Any, result: Any) -> bool:
+    """Whether ``func`` read a tensor's size (``x.size()``, ``x.size(d)``, ``x.shape``)."""
+    if not isinstance(result, (int, torch.Size)) or isinstance(result, bool):
+        return False
+    if func is torch.Tensor.size or func is torch.Tensor.__len__:
+        return True
+    owner = getattr(func, "__self__", None)
+    return getattr(func, "__name__", "") == "__get__" and getattr(owner, "__name__", "") == "shape"
+
+
 def _has_tensor(*values: Any) -> bool:
+    """Whether the values hold a tensor or a tracked size (anything the graph computes)."""
     for v in values:
-        if isinstance(v, torch.Tensor):
+        if isinstance(v, (torch.Tensor, TrackedInt)):
             return True
         if isinstance(v, (tuple, list)) and _has_tensor(*v):
             return True
@@ -220,7 +345,9 @@ def _target(func: Any, args: Any) -> tuple[str, Any, list[Any]]:
     return "call_function", func, args
 
 
-def record(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.GraphModule, Recording]:
+def record(
+    model: nn.Module, inputs: tuple[torch.Tensor, ...], generic: bool = False
+) -> tuple[fx.GraphModule, Recording]:
     """Run ``model(*inputs)`` once under no_grad and return the recorded graph module.
 
     Parameters
@@ -229,7 +356,13 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.Graph
         A private working copy (see :func:`~captum_chains.export.tracing.working_copy`):
         constants of the run are registered on it as buffers.
     inputs : tuple of Tensor
-        The inputs; the graph is specialised to them.
+        The inputs. Sizes read from tensors stay symbolic (:class:`TrackedInt`); Python
+        control flow is resolved by the run.
+    generic : bool, optional
+        The graph must hold for any input (the export's program): a model that reads a
+        computed tensor's value in Python (``if x.sum() > 0``, ``x.item()``) raises
+        :class:`~captum_chains.export.tracing.ExportError` naming the module. Otherwise
+        (the chain graph) the graph is specialised to the branches the inputs took.
 
     Returns
     -------
@@ -238,11 +371,13 @@ def record(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> tuple[fx.Graph
     """
     graph = fx.Graph()
     recording = Recording()
-    view = _GraphView(model, graph, recording)
+    view = _GraphView(model, graph, recording, generic)
     for i, x in enumerate(inputs):
         view.bind(x, graph.placeholder(f"input_{i}"))
     try:
         output = trace_forward(model, inputs, view=view).output
+    except ExportError:
+        raise
     except Exception as err:
         where = view.stack[-1][0] if view.stack else type(model).__name__
         raise ExportError(

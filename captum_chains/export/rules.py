@@ -81,7 +81,7 @@ class Rule:
     :meth:`build` also receives the :class:`Builder` of the exported graph.
     """
 
-    #: For module rules: trace the module as one node (``True``) or trace through it.
+    #: For module rules: record the module as one node (``True``) or record through it.
     leaf: bool = False
     #: Short name shown in the export report.
     name: str = "opaque"
@@ -184,7 +184,7 @@ def method_rule(name: str) -> Rule | None:
 
 
 def is_leaf_type(module: nn.Module) -> bool:
-    """Whether a registered rule asks to trace ``module`` as a single node."""
+    """Whether a registered rule asks to record ``module`` as a single node."""
     rule = module_rule(module)
     return rule is not None and rule.leaf
 

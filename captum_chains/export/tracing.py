@@ -1,12 +1,9 @@
-"""Trace a private copy of the model into a graph that computes the SubNetwork.
+"""The export's private copy of a model, and the SubNetwork written into its recorded graph.
 
-The copy (with the family rules' canonical forms,
-:data:`~captum_chains.units.adapters.CANONICALIZERS`) is traced with ``torch.fx``: layers
-with a registered leaf rule, the libraries' no-trace modules
-(:data:`~captum_chains.units.adapters.TRACE_HINTS`) and ``torch.nn`` layers stay single
-nodes. fx is the export's program writer, not a model reader: the sub-network it writes
-must run at any batch size, which a recorded pass cannot give. Then the SubNetwork is
-written into the graph itself:
+:func:`working_copy` makes the copy (with the family rules' canonical forms,
+:data:`~captum_chains.units.adapters.CANONICALIZERS`); :func:`is_leaf` says which of its
+modules the recording (:func:`captum_chains.export.recording.record`) keeps as single
+operations. :func:`apply_subnetwork` then writes the SubNetwork into the recorded graph:
 
 * every unit layer's scores become an explicit :func:`~captum_chains.export.runtime.channel_scale`
   node at its site (Eq. 3 of the NeuroChains paper);
@@ -22,7 +19,6 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable
 from typing import Any, Protocol
 
 import torch
@@ -30,7 +26,7 @@ from torch import fx, nn
 
 from captum_chains.export.rules import is_leaf_type
 from captum_chains.export.runtime import channel_scale
-from captum_chains.units.adapters import CANONICALIZERS, SITE_RESOLVERS, TRACE_HINTS
+from captum_chains.units.adapters import CANONICALIZERS, LEAF_MODULES, SITE_RESOLVERS
 from captum_chains.units.base import GateSpec, UnitLayer
 
 
@@ -74,66 +70,30 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-# --------------------------------------------------------------------------- tracing
-class _Tracer(fx.Tracer):
-    """fx tracer that records where each module call starts and ends."""
-
-    def __init__(self) -> None:
-        # libraries' own no-trace functions and modules (the family rules' TRACE_HINTS)
-        autowrap: tuple[Callable[..., Any], ...] = ()
-        leaves: tuple[type, ...] = ()
-        for hints in TRACE_HINTS:
-            functions, modules = hints()
-            autowrap, leaves = autowrap + functions, leaves + modules
-        self._library_leaves = leaves
-        super().__init__(autowrap_functions=autowrap)
-        self.calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]] = {}
-        self.leaves: dict[str, nn.Module] = {}
-        self.stack: list[str] = []
-
-    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
-        if is_leaf_type(m) or (self._library_leaves and isinstance(m, self._library_leaves)):
-            return True
-        return super().is_leaf_module(m, module_qualified_name)
-
-    def call_module(
-        self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
-    ) -> Any:
-        name = self.path_of_module(m)
-        self.stack.append(name)
-        out = super().call_module(m, forward, args, kwargs)
-        self.stack.pop()
-        first = args[0] if args else None
-        in_node = first.node if isinstance(first, fx.Proxy) else None
-        out_node = out.node if isinstance(out, fx.Proxy) else None
-        self.calls.setdefault(name, []).append((in_node, out_node))
-        if self.is_leaf_module(m, name):
-            self.leaves[name] = m
-        return out
+# --------------------------------------------------------------------------- leaves
+def library_leaves() -> tuple[type, ...]:
+    """Module types the families keep as single operations (:data:`~captum_chains.units.
+    adapters.LEAF_MODULES`, e.g. timm's own list)."""
+    return tuple(kind for rule in LEAF_MODULES for kind in rule())
 
 
-def trace(model: nn.Module) -> tuple[fx.GraphModule, _Tracer]:
-    """Trace ``model`` (a working copy) with :class:`torch.fx`; errors name the module."""
-    tracer = _Tracer()
-    try:
-        graph = tracer.trace(model)
-    except Exception as err:
-        where = tracer.stack[-1] if tracer.stack else type(model).__name__
-        module = model.get_submodule(tracer.stack[-1]) if tracer.stack else model
-        raise ExportError(
-            f"cannot trace the model for export: module {where!r} "
-            f"({type(module).__name__}) failed under torch.fx symbolic tracing "
-            f"({type(err).__name__}: {err}). Register an export rule with leaf=True for "
-            "this module type (captum_chains.export.register_module_rule) or make its "
-            "forward free of data-dependent Python control flow"
-        ) from err
-    return fx.GraphModule(model, graph), tracer
+def is_leaf(module: nn.Module, leaves: tuple[type, ...] = ()) -> bool:
+    """Whether the recording writes ``module`` as one ``call_module`` node.
+
+    Layers with a registered leaf rule, the families' leaf types (``leaves``), and
+    ``torch.nn`` layers other than containers (as ``torch.fx`` does).
+    """
+    if is_leaf_type(module) or (leaves and isinstance(module, leaves)):
+        return True
+    where = type(module).__module__
+    torch_layer = where.startswith("torch.nn") or where.startswith("torch.ao.nn")
+    return torch_layer and not isinstance(module, nn.Sequential)
 
 
 # --------------------------------------------------------------------------- masks
 class ModuleCalls(Protocol):
-    """Where each module's calls start and end in a graph: :func:`trace`'s tracer or
-    :func:`captum_chains.export.recording.record`'s recording."""
+    """Where each module's calls start and end in a graph
+    (:func:`captum_chains.export.recording.record`'s recording)."""
 
     calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]]
     leaves: dict[str, nn.Module]

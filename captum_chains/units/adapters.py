@@ -112,11 +112,11 @@ LAYER_KINDS: list[LayerKind] = []
 exactly what that torch layer computes with the same weights, apart from padding (timm's
 ``Conv2dSame`` -> ``nn.Conv2d``), so that the export may slice it as one."""
 
-TraceHints = Callable[[], "tuple[tuple[Callable[..., Any], ...], tuple[type, ...]]"]
+LeafModules = Callable[[], "tuple[type, ...]"]
 
-TRACE_HINTS: list[TraceHints] = []
-"""Functions ``() -> (functions to keep as calls, module types to keep as leaves)`` for the
-export's symbolic trace (a library's own fx lists, e.g. timm's)."""
+LEAF_MODULES: list[LeafModules] = []
+"""Functions ``() -> module types`` that the export's recording keeps as single operations
+(a library's own list of layers not to look into, e.g. timm's)."""
 
 
 def layer_kind(module: nn.Module) -> type[nn.Module] | None:

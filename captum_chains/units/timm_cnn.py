@@ -9,7 +9,7 @@ Registers, in :mod:`captum_chains.units.adapters`:
   is split into ``bn -> drop -> act`` children so that this site is a graph node;
 * ``Conv2dSame`` / ``AvgPool2dSame`` / ``MaxPool2dSame`` (same padding computed in
   ``forward``), which the export slices as the torch layers they subclass;
-* timm's own lists of functions and modules that ``torch.fx`` must not trace into.
+* timm's own list of layers the export keeps as single operations.
 
 Nothing here imports timm: a model built with timm has already imported it.
 """
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import sys
 from collections import OrderedDict
-from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -28,7 +27,7 @@ from captum_chains.units.adapters import (
     CANONICALIZERS,
     FUSED_ACTIVATIONS,
     LAYER_KINDS,
-    TRACE_HINTS,
+    LEAF_MODULES,
     register,
 )
 
@@ -36,8 +35,8 @@ __all__ = [
     "BatchNormAct",
     "split_batch_norm_act",
     "timm_layer_kind",
+    "timm_leaf_modules",
     "timm_norm_activation",
-    "timm_trace_hints",
 ]
 
 
@@ -94,19 +93,19 @@ def timm_layer_kind(module: nn.Module) -> type[nn.Module] | None:
     return None
 
 
-def timm_trace_hints() -> tuple[tuple[Callable[..., Any], ...], tuple[type, ...]]:
-    """timm's fx lists: functions kept as calls and modules kept as leaves (empty without timm)."""
+def timm_leaf_modules() -> tuple[type, ...]:
+    """timm's own list of layers not to trace into (empty while no model imported timm)."""
     if "timm" not in sys.modules:
-        return (), ()
+        return ()
     try:
         from timm.layers import _fx as timm_fx
 
-        return tuple(timm_fx._autowrap_functions), tuple(timm_fx._leaf_modules)
+        return tuple(timm_fx._leaf_modules)
     except (ImportError, AttributeError):  # pragma: no cover - another timm layout
-        return (), ()
+        return ()
 
 
 register(FUSED_ACTIVATIONS, timm_norm_activation)
 register(CANONICALIZERS, split_batch_norm_act)
 register(LAYER_KINDS, timm_layer_kind)
-register(TRACE_HINTS, timm_trace_hints)
+register(LEAF_MODULES, timm_leaf_modules)

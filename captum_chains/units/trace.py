@@ -98,8 +98,10 @@ class TraceView(Protocol):
 
     def function(
         self, func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], result: Any
-    ) -> None:
-        """The torch function ``func(*args, **kwargs)`` ran and returned ``result``."""
+    ) -> Any:
+        """The torch function ``func(*args, **kwargs)`` ran and returned ``result``; the
+        return value is what the model continues with (``result`` itself, or an equal
+        value the view can follow, such as sizes that remember the tensor they came from)."""
 
 
 class CallView(Protocol):
@@ -288,7 +290,7 @@ class _Recorder:
                 FunctionCall(op, self.tick(), operands, out_id, tuple(args[1:]))
             )
         if self.view is not None:
-            self.view.function(func, args, kwargs, result)
+            return self.view.function(func, args, kwargs, result)
         return result
 
 
