@@ -21,9 +21,12 @@ class OracleTracer(fx.Tracer):
     def __init__(self) -> None:
         autowrap: tuple[Callable[..., Any], ...] = ()
         if "timm" in sys.modules:  # timm's functions with Python control flow on sizes
-            from timm.layers import _fx as timm_fx
+            try:
+                from timm.layers import _fx as timm_fx
 
-            autowrap = tuple(timm_fx._autowrap_functions)
+                autowrap = tuple(timm_fx._autowrap_functions)
+            except ImportError:  # an older timm (1.0.3) keeps them elsewhere
+                autowrap = ()
         super().__init__(autowrap_functions=autowrap)
         self.library_leaves = library_leaves()
         self.calls: dict[str, list[tuple[fx.Node | None, fx.Node | None]]] = {}
