@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import io
+import sys
 import warnings
 
 import pytest
@@ -494,3 +495,15 @@ def test_export_of_an_extracted_chain():
     exported = chain.subnetwork.export(check_inputs=x)
     assert_exact(exported, chain.subnetwork, x)
     assert exported.report.units_kept == chain.num_filters
+
+
+def test_extensions_are_imported_and_a_missing_one_is_an_error(monkeypatch):
+    from captum_chains.export import api
+
+    monkeypatch.setattr(api, "EXTENSIONS", ["json"])
+    monkeypatch.delitem(sys.modules, "json", raising=False)
+    api.load_extensions()
+    assert "json" in sys.modules
+    monkeypatch.setattr(api, "EXTENSIONS", ["captum_chains_no_such_extension"])
+    with pytest.raises(ModuleNotFoundError, match="captum_chains_no_such_extension"):
+        api.load_extensions()

@@ -12,7 +12,8 @@ Rule, ChannelInfo, Decline, register_module_rule, register_function_rule, regist
     Extension point: teach the export a new layer type (see ``docs/export.md``).
 CANONICALIZERS, SITE_RESOLVERS, EXTENSIONS
     Rewrite modules of the private copy before recording; place scores of special unit
-    hooks; modules imported before the first export (``captum_chains.export.vit``).
+    hooks (both live in :mod:`captum_chains.units.adapters`); your modules to import before
+    each export.
 """
 
 from typing import TYPE_CHECKING

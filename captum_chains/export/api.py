@@ -21,7 +21,6 @@ model is never modified.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -30,6 +29,7 @@ from torch import fx, nn
 from captum_chains._utils.digest import weights_digest
 from captum_chains._utils.validation import format_inputs, model_device
 from captum_chains.export import rules_layers as _rules_layers  # noqa: F401  (registers rules)
+from captum_chains.export import vit as _vit  # noqa: F401  (registers the HeadCore rule)
 from captum_chains.export.analysis import Analysis, describe
 from captum_chains.export.build import Builder
 from captum_chains.export.recording import record
@@ -189,16 +189,17 @@ def check_weights_digest(subnetwork: Any, model: nn.Module) -> None:
         )
 
 
-#: Modules that register rules, canonicalizers or site resolvers for more model
-#: families; imported on first export when present.
-EXTENSIONS: list[str] = ["captum_chains.export.vit"]
+#: Your modules that register export rules, canonicalizers or site resolvers (by import
+#: name); imported before each export and chain graph. The package's own rules are
+#: registered when :mod:`captum_chains.export` loads.
+EXTENSIONS: list[str] = []
 
 
 def load_extensions() -> None:
-    """Import the :data:`EXTENSIONS` that exist (their registrations run on import)."""
+    """Import the :data:`EXTENSIONS` (their registrations run on import; a name that cannot
+    be imported raises)."""
     for name in EXTENSIONS:
-        if importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+        importlib.import_module(name)
 
 
 def _inputs(
