@@ -85,6 +85,14 @@ class TrackedInt(int):
     def __reduce__(self) -> Any:  # copies and pickles are plain ints
         return (int, (int(self),))
 
+    def __neg__(self) -> TrackedInt:  # type: ignore[override]  # int's stubs return int
+        node = self.view._create("call_function", operator.neg, (self.node,), {})
+        return TrackedInt(-int(self), node, self.view)
+
+    def size_node(self) -> fx.Node | None:
+        """The size node this int is an item of, else None."""
+        return None if self._item_of is None else self._item_of[0]
+
 
 def _tracked_operator(op: Callable[[int, int], int], reflected: bool = False) -> Any:
     """``TrackedInt.__op__``: an int result with a node when the other operand is an int."""
@@ -104,14 +112,6 @@ def _tracked_operator(op: Callable[[int, int], int], reflected: bool = False) ->
 for _op in (operator.add, operator.sub, operator.mul, operator.floordiv, operator.mod):
     setattr(TrackedInt, f"__{_op.__name__}__", _tracked_operator(_op))
     setattr(TrackedInt, f"__r{_op.__name__}__", _tracked_operator(_op, reflected=True))
-
-
-def _negate(self: TrackedInt) -> TrackedInt:
-    node = self.view._create("call_function", operator.neg, (self.node,), {})
-    return TrackedInt(-int(self), node, self.view)
-
-
-TrackedInt.__neg__ = _negate  # type: ignore[method-assign,assignment]  # int's stubs
 
 
 class Recording:
@@ -156,15 +156,9 @@ class _GraphView:
         """``value`` with every tensor and tracked size replaced by the node that computed it."""
         if isinstance(value, TrackedInt):
             return value.node
-        if (
-            isinstance(value, torch.Size)
-            and value
-            and all(
-                isinstance(v, TrackedInt) and v._item_of == (value[0]._item_of[0], i)  # type: ignore[index]
-                for i, v in enumerate(value)
-            )
-        ):
-            return value[0]._item_of[0]  # type: ignore[index]  # a whole, unchanged size
+        whole = _whole_size(value)
+        if whole is not None:
+            return whole
         if isinstance(value, torch.Tensor):
             node = self.env.get(id(value))
             if node is None:
@@ -298,6 +292,20 @@ def set_item(tensor: torch.Tensor, index: Any, value: Any) -> torch.Tensor:
     out = tensor.clone()
     out[index] = value
     return out
+
+
+def _whole_size(value: Any) -> fx.Node | None:
+    """The size node when ``value`` is a tensor's whole, unchanged size, else ``None``."""
+    if not isinstance(value, torch.Size) or not value:
+        return None
+    first = value[0]
+    source = first.size_node() if isinstance(first, TrackedInt) else None
+    if source is None:
+        return None
+    for i, v in enumerate(value):
+        if not isinstance(v, TrackedInt) or v._item_of != (source, i):
+            return None
+    return source
 
 
 #: Tensor methods that turn a tensor's value into a Python value (control flow on data).
