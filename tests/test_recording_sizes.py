@@ -111,3 +111,37 @@ def test_reading_a_parameter_value_exports():
     other = make_inputs(n=3, size=8, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(exported(other), sub(other), rtol=1e-5, atol=1e-6)
+
+
+class Sized(nn.Module):
+    """Reads sizes the way models do: kept as read (``keep``) or made plain ints (``freeze``)."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4, 2)
+        self.how = how
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv(x)
+        half = y.shape[-1] // 2
+        y = y[..., :half] + y[..., half : 2 * half]  # slices by a size
+        b = int(y.shape[0]) if self.how == "freeze" else y.shape[0]
+        return self.fc(y.reshape(b, 4, -1).mean(-1))
+
+
+def test_slices_by_sizes_follow_the_image_size():
+    model = Sized("keep").eval()
+    x = make_inputs(n=2, size=6, seed=5)
+    sub = _sub(model, x)
+    exported = export_subnetwork(sub, example_inputs=x)
+    other = make_inputs(n=3, size=10, seed=6)
+    with torch.no_grad():
+        torch.testing.assert_close(exported(other), sub(other), rtol=1e-5, atol=1e-6)
+
+
+def test_a_frozen_batch_size_is_refused_with_its_cause():
+    model = Sized("freeze").eval()
+    x = make_inputs(n=2, size=6, seed=5)
+    with pytest.raises(ExportError, match=r"another size.*int\(x\.shape\[0\]\)"):
+        export_subnetwork(_sub(model, x), example_inputs=x)

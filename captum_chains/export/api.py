@@ -135,16 +135,7 @@ def export_subnetwork(
     }
     closed = [g for g, o in zip(structure.gates, subnetwork.gates_open.tolist()) if not o]
     apply_subnetwork(gm, tracer, structure.units, scores, closed)
-    with torch.no_grad():
-        traced_out, sub_out = gm(*example), subnetwork(*example)
-    if not torch.allclose(
-        traced_out, sub_out, rtol=1e-5, atol=1e-6 * float(sub_out.abs().max()) + 1e-12
-    ):
-        raise ExportError(
-            "the traced model does not reproduce the SubNetwork (max difference "
-            f"{float((traced_out - sub_out).abs().max()):.3g}); the model's forward may depend on "
-            "something the recording cannot see (e.g. hooks or global state)"
-        )
+    _check_recording(gm, subnetwork, example)
 
     analysis = Analysis(gm, example, SPECIAL)
     full_width = analysis.opaque_nodes()
@@ -159,6 +150,40 @@ def export_subnetwork(
     report = _report(model, subnetwork, exported, example, checks, full_width, rtol)
     exported.report = report
     return exported
+
+
+def _check_recording(
+    gm: fx.GraphModule, subnetwork: Any, example: tuple[torch.Tensor, ...]
+) -> None:
+    """Raise unless the recorded program equals the SubNetwork on the example inputs and
+    on one more input (the batch size must stay a variable of the program)."""
+    bigger = tuple(torch.cat([t, t[:1]]) for t in example)
+    for inputs, what in ((example, "the example inputs"), (bigger, "a batch of another size")):
+        with torch.no_grad():
+            try:
+                got = gm(*inputs)
+            except Exception as err:
+                got, failure = None, f"{type(err).__name__}: {err}"
+            want = subnetwork(*inputs)
+        if got is not None and got.shape != want.shape:
+            got, failure = None, f"output shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+        if got is not None and torch.allclose(
+            got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()) + 1e-12
+        ):
+            continue
+        if got is not None:
+            failure = f"max difference {float((got - want).abs().max()):.3g}"
+        hint = (
+            "the model's forward may depend on something the recording cannot see (e.g. "
+            "hooks or global state)"
+            if inputs is example
+            else "the model turns a size into a plain number in Python (e.g. int(x.shape[0]) "
+            "or math on it), which freezes the batch size of the recorded program; keep "
+            "sizes as read from tensors (x.shape[0], x.size(1))"
+        )
+        raise ExportError(
+            f"the recorded program does not reproduce the SubNetwork on {what} ({failure}); " + hint
+        )
 
 
 def _is_subnetwork(obj: object) -> bool:

@@ -164,6 +164,8 @@ class _GraphView:
             if node is None:
                 node = self._attribute(value)
             return node
+        if isinstance(value, slice):
+            return slice(*(self.node_of(v) for v in (value.start, value.stop, value.step)))
         if isinstance(value, (tuple, list)):
             mapped = [self.node_of(v) for v in value]
             return type(value)(mapped) if isinstance(value, list) else tuple(mapped)
@@ -328,6 +330,8 @@ def _has_tensor(*values: Any) -> bool:
         if isinstance(v, (torch.Tensor, TrackedInt)):
             return True
         if isinstance(v, (tuple, list)) and _has_tensor(*v):
+            return True
+        if isinstance(v, slice) and _has_tensor(v.start, v.stop, v.step):
             return True
         if isinstance(v, dict) and _has_tensor(*v.values()):
             return True
