@@ -72,8 +72,10 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 # --------------------------------------------------------------------------- leaves
 def library_leaves() -> tuple[type, ...]:
-    """Module types the families keep as single operations (:data:`~captum_chains.units.
-    adapters.LEAF_MODULES`, e.g. timm's own list)."""
+    """Module types the families keep as single operations (e.g. timm's own list).
+
+    Read from :data:`~captum_chains.units.adapters.LEAF_MODULES`.
+    """
     return tuple(kind for rule in LEAF_MODULES for kind in rule())
 
 

@@ -79,8 +79,8 @@ TokenRule = Callable[[nn.Module], "TokenPrefix | None"]
 
 TOKEN_PREFIXES: list[TokenRule] = []
 """Rules ``rule(vit) -> (class token?, register tokens, pooling name or None)`` read from a
-ViT's attributes (``None``: not a model of the rule's family); :func:`token_layout
-<captum_chains.units.vit.token_layout>` reads the grid and the token count from the pass."""
+ViT's attributes (``None``: not a model of the rule's family);
+:func:`~captum_chains.units.vit.token_layout` reads the grid and token count from the pass."""
 
 PatchGeometry = tuple["tuple[int, int] | None", "tuple[int, int]", bool, bool]
 PatchRule = Callable[[nn.Module], "PatchGeometry | None"]
