@@ -56,7 +56,9 @@ class TrackedInt(int):
     with nodes of their own. A recorded call that receives one gets its node, so sizes
     derived from the input (the batch size of ``cls_token.expand(x.shape[0], -1, -1)``,
     a grid side) stay symbolic in the recorded program instead of being frozen. Anything
-    else done with them (``int(B)``, ``if B > 1``, float arithmetic) uses the recorded value.
+    else done with them (``int(B)``, ``if B > 1``, float arithmetic), and ``len(x)`` (Python
+    makes it a plain int), uses the recorded value; the export checks its program at another
+    batch size to catch a frozen batch size.
     """
 
     view: _GraphView
@@ -318,7 +320,7 @@ def _is_size(func: Any, result: Any) -> bool:
     """Whether ``func`` read a tensor's size (``x.size()``, ``x.size(d)``, ``x.shape``)."""
     if not isinstance(result, (int, torch.Size)) or isinstance(result, bool):
         return False
-    if func is torch.Tensor.size or func is torch.Tensor.__len__:
+    if func is torch.Tensor.size:
         return True
     owner = getattr(func, "__self__", None)
     return getattr(func, "__name__", "") == "__get__" and getattr(owner, "__name__", "") == "shape"
