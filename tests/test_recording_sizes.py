@@ -103,14 +103,19 @@ def test_export_refuses_control_flow_on_data_and_names_the_module():
     snapshot.assert_unchanged(model)
 
 
-def test_reading_a_parameter_value_exports():
-    model = ReadsValue("parameter").eval()
-    x = make_inputs(n=2, size=6, seed=3)
+def _assert_export_holds_on(model: nn.Module, x: torch.Tensor, other: torch.Tensor) -> None:
+    """Export the chain of ``model`` on ``x``; it must equal the SubNetwork on ``other``."""
     sub = _sub(model, x)
     exported = export_subnetwork(sub, example_inputs=x)
-    other = make_inputs(n=3, size=8, seed=4)
     with torch.no_grad():
         torch.testing.assert_close(exported(other), sub(other), rtol=1e-5, atol=1e-6)
+
+
+def test_reading_a_parameter_value_exports():
+    model = ReadsValue("parameter").eval()
+    _assert_export_holds_on(
+        model, make_inputs(n=2, size=6, seed=3), make_inputs(n=3, size=8, seed=4)
+    )
 
 
 class Sized(nn.Module):
@@ -132,12 +137,9 @@ class Sized(nn.Module):
 
 def test_slices_by_sizes_follow_the_image_size():
     model = Sized("keep").eval()
-    x = make_inputs(n=2, size=6, seed=5)
-    sub = _sub(model, x)
-    exported = export_subnetwork(sub, example_inputs=x)
-    other = make_inputs(n=3, size=10, seed=6)
-    with torch.no_grad():
-        torch.testing.assert_close(exported(other), sub(other), rtol=1e-5, atol=1e-6)
+    _assert_export_holds_on(
+        model, make_inputs(n=2, size=6, seed=5), make_inputs(n=3, size=10, seed=6)
+    )
 
 
 def test_a_frozen_batch_size_is_refused_with_its_cause():
