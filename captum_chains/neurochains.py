@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from captum.attr import Attribution
 from torch import nn
 
+from captum_chains._utils.layout import to_channels_last, to_contiguous, use_channels_last
 from captum_chains._utils.model_state import ConcurrentUseError, eval_mode
 from captum_chains._utils.progress import tqdm
 from captum_chains._utils.validation import (
@@ -501,6 +502,10 @@ class _Optimization:
                 "(e.g. normalization), or run the model in float32/float64"
             )
         self.log_p = F.log_softmax(logits.float(), dim=1)
+        # the reference outputs come from the inputs as given; the steps may run channels-last
+        self.channels_last = use_channels_last(config.channels_last, batch)
+        if self.channels_last:
+            self.batch = to_channels_last(batch)
         self.per_region = batch[0].shape[0] // regions
         self.sampler = torch.Generator().manual_seed(config.sample_seed)
         self.forward = _compiled(model, config.compile)
@@ -572,6 +577,11 @@ class _Optimization:
         try:
             return self.forward(*inputs, *extra)
         except Exception as err:
+            if self.channels_last:
+                # e.g. a ``.view`` of a convolution's output: run in the given layout instead
+                self.channels_last = False
+                self.batch = to_contiguous(self.batch)
+                return self._run_model(to_contiguous(inputs), extra)
             if self.forward is self.model:
                 raise
             warnings.warn(f"torch.compile failed ({err!r}); running eagerly", stacklevel=2)
