@@ -17,6 +17,7 @@ import sys
 import time
 
 import torch
+from lite0_probe_row import probe_row  # same folder
 
 from captum_chains import ChainConfig, ChainExtractor, neurochains, optim
 from captum_chains.data import local_region, sample_photo
@@ -61,27 +62,7 @@ x = local_region([sample_photo("chelsea"), sample_photo("coffee")], n=20, seed=0
 start = time.perf_counter()
 chain = ChainExtractor(model, ChainConfig(steps=steps)).attribute(x, progress=False)
 seconds = time.perf_counter() - start
-with torch.no_grad():
-    p = model(x).softmax(1)
-    q = chain.subnetwork(x).softmax(1)
-y = p.argmax(1, keepdim=True)
-row = {
-    "speed": speed,
-    "frac": frac,
-    "steps": steps,
-    "kept": chain.num_filters,
-    "pct": round(100 * chain.num_filters / chain.total_filters, 2),
-    "agreement": float((q.argmax(1, keepdim=True) == y).float().mean()),
-    "drop": round(float((p.gather(1, y) - q.gather(1, y)).mean()), 5),
-    "kl": round(chain.kl, 5),
-    "finetuned": chain.finetuned,
-    "seconds": round(seconds, 1),
-    "kept_by_step": {
-        r["step"]: r["kept"]
-        for r in chain.history
-        if r["step"] % 10 == 9 and r.get("phase", "optimize") == "optimize"
-    },
-}
+row = {"speed": speed, "frac": frac, **probe_row(model, x, chain, seconds)}
 print(json.dumps(row), flush=True)
 with open("benchmarks/results/lite0_accel_probe.jsonl", "a") as f:
     f.write(json.dumps(row) + "\n")

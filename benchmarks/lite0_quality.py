@@ -18,6 +18,7 @@ import json
 import time
 
 import torch
+from lite0_probe_row import probe_row  # same folder
 
 from captum_chains import ChainConfig, ChainExtractor
 from captum_chains.data import local_region, sample_photo
@@ -102,10 +103,6 @@ def main() -> None:
     else:
         chain = extractor.attribute(inputs, progress=False, fidelity=args.fidelity)
     seconds = time.perf_counter() - start
-    with torch.no_grad():
-        p = model(inputs).softmax(1)
-        q = chain.subnetwork(inputs).softmax(1)
-    y = p.argmax(1, keepdim=True)
     result = {
         "label": args.label,
         "photos": args.photos,
@@ -114,24 +111,15 @@ def main() -> None:
         "paper": args.paper,
         "l1": chain.config.l1,
         "gate_penalty": chain.config.gate_penalty,
-        "kept": chain.num_filters,
-        "total": chain.total_filters,
-        "kept_pct": round(100 * chain.num_filters / chain.total_filters, 2),
         "removed": chain.subnetwork.removed_gates,
         "gates": len(chain.structure.gates),
-        "agreement": float((q.argmax(1, keepdim=True) == y).float().mean()),
-        "drop": round(float((p.gather(1, y) - q.gather(1, y)).mean()), 5),
-        "kl": round(chain.kl, 5),
-        "finetuned": chain.finetuned,
-        "steps": len(chain.history),
-        "seconds": round(seconds, 1),
+        **probe_row(model, inputs, chain, seconds),
         "threads": torch.get_num_threads(),
-        "classes": int(y.unique().numel()),
-        "median_confidence": round(float(p.max(1).values.median()), 3),
     }
-    result["kept_by_step"] = {
-        row["step"]: row["kept"] for row in chain.history if row["step"] % 10 == 9
-    }
+    with torch.no_grad():
+        p = model(inputs).softmax(1)
+    result["classes"] = int(p.argmax(1).unique().numel())
+    result["median_confidence"] = round(float(p.max(1).values.median()), 3)
     kept_scores = torch.cat([s[s > 0] for s in chain.importance.values()])
     result["score_quantiles"] = [
         round(float(q), 3) for q in kept_scores.quantile(torch.tensor([0.1, 0.5, 0.9, 1.0]))

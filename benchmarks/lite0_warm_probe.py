@@ -19,6 +19,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from lite0_probe_row import probe_row  # same folder
 
 from captum_chains import ChainConfig, ChainExtractor, neurochains
 from captum_chains.data import local_region, sample_photo
@@ -55,25 +56,6 @@ x = local_region([sample_photo("chelsea"), sample_photo("coffee")], n=20, seed=0
 t = time.perf_counter()
 chain = ChainExtractor(model, ChainConfig(steps=steps)).attribute(x, progress=False)
 sec = time.perf_counter() - t
-with torch.no_grad():
-    p = model(x).softmax(1)
-    q = chain.subnetwork(x).softmax(1)
-y = p.argmax(1, keepdim=True)
-row = {
-    "label": label,
-    "kept": chain.num_filters,
-    "pct": round(100 * chain.num_filters / chain.total_filters, 2),
-    "agreement": float((q.argmax(1, keepdim=True) == y).float().mean()),
-    "drop": round(float((p.gather(1, y) - q.gather(1, y)).mean()), 5),
-    "kl": round(chain.kl, 5),
-    "finetuned": chain.finetuned,
-    "steps": len(chain.history),
-    "seconds": round(sec, 1),
-    "kept_by_step": {
-        r["step"]: r["kept"]
-        for r in chain.history
-        if r["step"] % 10 == 9 and r.get("phase", "optimize") == "optimize"
-    },
-}
+row = {"label": label, **probe_row(model, x, chain, sec)}
 print(json.dumps(row), flush=True)
 open("benchmarks/results/lite0_warm_probe.jsonl", "a").write(json.dumps(row) + "\n")
