@@ -57,7 +57,17 @@ RESULTS = Path(__file__).parent / "results"
 #: family's gate_penalty 0 (docs/vit.md): with 0.05 every branch closed in some regions
 #: (benchmarks/results/study_digits_vit_l1_0.02_gate_0.05/ keeps that run); its l1 is
 #: study-specific (family default 0.0065).
-DIGITS_PENALTIES = {"vgg": (0.03, 0.05), "resnet": (0.025, 0.05), "vit": (0.06, 0.0)}
+DIGITS_PENALTIES = {"vgg": (0.03, 0.05), "resnet": (0.03, 0.05), "vit": (0.06, 0.0)}
+#: Fine-tuning of the third wave (docs/metrics.md, "Digits studies"): the paper's 50 steps at
+#: lr 0.01 move a score by at most 0.5, far from the KL's optimum on these tiny models, where
+#: the thresholded chain's drop is mostly recovered by fine-tuning. 300 steps (VGG keeps the
+#: paper's 50: its second-wave study already met its target); the ViT's chains stay below the
+#: paper's KL trigger 0.1 while their drop is 0.07, so its study fine-tunes from KL 0.02.
+DIGITS_FINETUNE = {
+    "vgg": {},
+    "resnet": {"finetune_steps": 300},
+    "vit": {"finetune_steps": 300, "finetune_kl": 0.02},
+}
 #: The digits images are (x - 0.3) / 0.4 with x in [0, 1]: valid range and a 0.1 pixel budget.
 LOWER, UPPER = (0 - 0.3) / 0.4, (1 - 0.3) / 0.4
 EPSILON = 0.1 / 0.4
@@ -67,6 +77,9 @@ def digits_config(arch: str, l1: float | None = None, schedule: str = "default")
     """The NeuroChains config of the digits studies."""
     default_l1, gate_penalty = DIGITS_PENALTIES[arch]
     config = {"l1": default_l1 if l1 is None else l1, "gate_penalty": gate_penalty}
+    if schedule == "default":
+        # the second and third waves ran 300 steps, the package default until 360
+        config.update(steps=300, **DIGITS_FINETUNE[arch])
     if schedule == "paper-era":  # the first wave's studies
         config.update(
             optimizer="adam",

@@ -68,7 +68,7 @@ for p in probs:
 # %% [markdown]
 # ## Extract the chain (a quick run)
 #
-# The defaults: the paper's 300 steps at lr 0.005 with proximal updates (removed scores
+# The defaults: 360 steps at lr 0.005 with proximal updates (removed scores
 # are exactly zero), the family's penalties, gates on residual blocks, fine-tuning when
 # the thresholded KL exceeds 0.1 (`ChainConfig.paper()` is the paper's exact schedule).
 

@@ -54,7 +54,7 @@ region = data.x_test[data.y_test == 3][:12]  # one local region: a dozen threes
 # %% [markdown]
 # ## 1. Extract and export
 #
-# NeuroChains with the default settings (300 steps, about ten seconds here).
+# NeuroChains with the default settings (360 steps, about ten seconds here).
 
 # %%
 chain = ChainExtractor(model).attribute(region, progress=False, seed=0)

@@ -24,7 +24,7 @@
 #
 # ```{note}
 # So that the documentation builds in a few minutes on a CPU, this page uses a **small
-# region of 4 crops** with the default settings (the paper's 300 steps at lr 0.005, with
+# region of 4 crops** with the default settings (360 steps at lr 0.005, with
 # exact proximal zeros and gates on residual blocks). The README's demo, `captum-chains
 # demo` or `python -m captum_chains.demo`, runs the same settings on 20 crops (about 10
 # minutes on 2 CPU cores).

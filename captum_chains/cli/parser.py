@@ -134,7 +134,7 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         help="start from ChainConfig.paper(): the paper's exact schedule (Adam lr 0.005, "
         "300 + 50 steps, its stopping rule); the options below still override it",
     )
-    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 300)")
+    group.add_argument("--steps", type=_count, help="maximum optimization steps (default 360)")
     group.add_argument(
         "--finetune-steps",
         type=_nonnegative_int,
@@ -327,7 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--n-crops", type=_count, default=20, help="crops in the region (default 20)")
-    p.add_argument("--steps", type=_count, help="optimization steps (default: ChainConfig's, 300)")
+    p.add_argument("--steps", type=_count, help="optimization steps (default: ChainConfig's, 360)")
     p.set_defaults(func=cmd_demo)
     return parser
 
