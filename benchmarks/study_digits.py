@@ -19,8 +19,10 @@ docs/defaults.md) converges further, and the penalties were re-tuned on the firs
 (docs/metrics.md, "Digits studies"; sweep in ``benchmarks/results/study_digits_v2_sweep.csv``):
 l1 = 0.03 (VGG), 0.025 (ResNet), both with gate_penalty = 0.05, and l1 = 0.06 for the ViT
 (gate_penalty 0; a study-specific l1, about 9x its family default, which keeps 8 % of the ViT's
-units with this schedule). The first wave's penalties are recorded in the first wave's
-``study.json`` files.
+units with this schedule). The third wave fine-tunes the ResNet's and the ViT's chains for 300
+steps (``DIGITS_FINETUNE``), which affords the ResNet l1 = 0.03 (docs/metrics.md, "Third
+wave"; ``--regions-per-task 1`` for the ResNet, out ``benchmarks/results/study_digits_v3``).
+The earlier waves' settings are recorded in their ``study.json`` files.
 
 Second wave (the numbers of docs/metrics.md; 81 minutes in all on the shared 2-core CPU)::
 
