@@ -12,8 +12,12 @@ from __future__ import annotations
 import torch
 
 
+def _is_image(t: torch.Tensor) -> bool:
+    return t.ndim == 4 and t.is_floating_point()
+
+
 def _images(batch: tuple[torch.Tensor, ...]) -> bool:
-    return any(t.ndim == 4 and t.is_floating_point() for t in batch)
+    return any(_is_image(t) for t in batch)
 
 
 def use_channels_last(option: bool | None, batch: tuple[torch.Tensor, ...]) -> bool:
@@ -27,10 +31,7 @@ def use_channels_last(option: bool | None, batch: tuple[torch.Tensor, ...]) -> b
 def to_channels_last(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
     """The 4-D floating tensors of ``batch`` in channels-last layout, the others as given."""
     return tuple(
-        t.contiguous(memory_format=torch.channels_last)
-        if t.ndim == 4 and t.is_floating_point()
-        else t
-        for t in batch
+        t.contiguous(memory_format=torch.channels_last) if _is_image(t) else t for t in batch
     )
 
 
