@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from captum_chains.config import ChainConfig
 from captum_chains.data import local_region, sample_photo
 from captum_chains.neurochains import ChainExtractor
 from captum_chains.pretrained import imagenet_categories, load_efficientnet_lite0
@@ -107,8 +108,8 @@ def run_demo(
     names = sorted({categories[c] for c in classes})
     print(f"region: {n} crops of {', '.join(photos)}; the model predicts {names}")
     start = time.perf_counter()
-    overrides = {} if steps is None else {"steps": steps}
-    chain = ChainExtractor(model, **overrides).attribute(inputs, progress=progress, seed=seed)
+    config = ChainConfig() if steps is None else ChainConfig(steps=steps)
+    chain = ChainExtractor(model, config).attribute(inputs, progress=progress, seed=seed)
     seconds = time.perf_counter() - start
     print(chain.summary())
     numbers = fidelity_numbers(model, chain, inputs)

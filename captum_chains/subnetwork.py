@@ -120,6 +120,7 @@ class SubNetwork(nn.Module):
         check_scores(scores.detach(), structure)
         dtype, device = _home(model)
         object.__setattr__(self, "_model", model)
+        self.weights_digest: str
         object.__setattr__(self, "weights_digest", digest or weights_digest(model))
         self.structure = structure
         self.register_buffer("scores", scores.detach().to(device=device, dtype=dtype).clone())

@@ -33,7 +33,7 @@ Fold = Callable[[], "tuple[torch.Tensor, torch.Tensor] | None"]
 _LOCAL = threading.local()
 _LOCK = threading.Lock()
 _INSTALLED: dict[int, tuple[nn.Module, type, int]] = {}  # id -> (module, original class, users)
-_SUBCLASSES: dict[type, type] = {}
+_SUBCLASSES: dict[type[nn.Module], type[nn.Module]] = {}
 
 
 def _folds() -> dict[int, Fold]:
@@ -58,7 +58,7 @@ def _parameter(index: int, name: str) -> property:
     return property(get)
 
 
-def _folding_subclass(base: type) -> type:
+def _folding_subclass(base: type[nn.Module]) -> type[nn.Module]:
     """The subclass of ``base`` that reads thread-local scaled ``weight``/``bias``."""
     cls = _SUBCLASSES.get(base)
     if cls is not None:
@@ -98,9 +98,9 @@ def _folding_subclass(base: type) -> type:
     return cls
 
 
-def _new_instance(cls: type) -> Any:
+def _new_instance(cls: type[nn.Module]) -> Any:
     """An empty instance of ``cls`` (unpickling restores its state)."""
-    return cls.__new__(cls)
+    return object.__new__(cls)
 
 
 def _install(module: nn.Module) -> None:
@@ -145,11 +145,11 @@ def folded_norms(folds: Mapping[nn.Module, Fold]) -> Iterator[None]:
             table[id(module)] = fold
         yield
     finally:
-        for key, fold in previous.items():
-            if fold is None:
+        for key, earlier in previous.items():
+            if earlier is None:
                 table.pop(key, None)
             else:
-                table[key] = fold
+                table[key] = earlier
         with _LOCK:
             for module in installed:
                 _uninstall(module)

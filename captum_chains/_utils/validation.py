@@ -10,6 +10,7 @@ fix; class indices are checked against the output before any indexing.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, cast, overload
 
 import torch
@@ -112,10 +113,10 @@ def check_conv_rank(model: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
 def format_target(target: None, n: int, num_classes: int | None = None) -> None: ...
 @overload
 def format_target(
-    target: int | tuple | torch.Tensor | list, n: int, num_classes: int | None = None
+    target: int | Sequence[Any] | torch.Tensor, n: int, num_classes: int | None = None
 ) -> torch.Tensor: ...
 def format_target(
-    target: TargetType, n: int, num_classes: int | None = None
+    target: TargetType | Sequence[Any], n: int, num_classes: int | None = None
 ) -> torch.Tensor | None:
     """Turn a Captum-style class target into a LongTensor ``[n]`` (or None), on the CPU.
 

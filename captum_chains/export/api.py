@@ -159,6 +159,7 @@ def _check_recording(
     on one more input (the batch size must stay a variable of the program)."""
     bigger = tuple(torch.cat([t, t[:1]]) for t in example)
     for inputs, what in ((example, "the example inputs"), (bigger, "a batch of another size")):
+        got: torch.Tensor | None
         with torch.no_grad():
             try:
                 got = gm(*inputs)
@@ -166,7 +167,8 @@ def _check_recording(
                 got, failure = None, f"{type(err).__name__}: {err}"
             want = subnetwork(*inputs)
         if got is not None and got.shape != want.shape:
-            got, failure = None, f"output shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+            failure = f"output shape {tuple(got.shape)} instead of {tuple(want.shape)}"
+            got = None
         if got is not None and torch.allclose(
             got, want, rtol=1e-5, atol=1e-6 * float(want.abs().max()) + 1e-12
         ):

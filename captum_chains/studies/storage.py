@@ -144,7 +144,7 @@ class StudyStore:
         out = {}
         for rid in self.finished_ids():
             problem = self.check_part(rid)
-            row = None
+            row: dict[str, Any] | None = None
             if problem is None:
                 try:
                     frame = _read_frame(self.parts / rid / f"regions.{self._ext}", self.fmt)
@@ -154,8 +154,8 @@ class StudyStore:
                 else:
                     if row is None:
                         problem = f"its regions table holds {len(frame)} rows, not 1"
-            if problem is not None:
-                self.damaged[rid] = problem
+            if problem is not None or row is None:
+                self.damaged[rid] = problem or "its regions table is empty"
             else:
                 out[rid] = row
         return out
