@@ -10,8 +10,9 @@ from torch import nn
 
 def probe_row(model: nn.Module, x: torch.Tensor, chain: Any, seconds: float) -> dict[str, Any]:
     """Kept filters (count and %), top-1 agreement, mean drop of the predicted class's
-    probability, KL, whether it was fine-tuned, steps, wall time and the kept count every 10
-    optimization steps."""
+    probability, KL, whether it was fine-tuned, steps, wall time, the kept count every 10
+    optimization steps, and the seconds since the start and the filters computed every 20
+    steps of each phase."""
     with torch.no_grad():
         p = model(x).softmax(1)
         q = chain.subnetwork(x).softmax(1)
@@ -30,5 +31,15 @@ def probe_row(model: nn.Module, x: torch.Tensor, chain: Any, seconds: float) -> 
             r["step"]: r["kept"]
             for r in chain.history
             if r["step"] % 10 == 9 and r.get("phase", "optimize") == "optimize"
+        },
+        "seconds_by_step": {
+            f"{r['phase']}:{r['step']}": round(r["time"], 1)
+            for r in chain.history
+            if r["step"] % 20 == 19 or r["step"] == 0
+        },
+        "computed_by_step": {
+            f"{r['phase']}:{r['step']}": r.get("computed")
+            for r in chain.history
+            if r["step"] % 20 == 19 or r["step"] == 0
         },
     }

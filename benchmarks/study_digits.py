@@ -80,8 +80,9 @@ def digits_config(arch: str, l1: float | None = None, schedule: str = "default")
     default_l1, gate_penalty = DIGITS_PENALTIES[arch]
     config = {"l1": default_l1 if l1 is None else l1, "gate_penalty": gate_penalty}
     if schedule == "default":
-        # the second and third waves ran 300 steps, the package default until 360
-        config.update(steps=300, **DIGITS_FINETUNE[arch])
+        # the second and third waves ran 300 steps (the package default until 360), every
+        # step on the whole model at lr (before free_rate and compact steps)
+        config.update(steps=300, free_rate=1.0, compact_below=None, **DIGITS_FINETUNE[arch])
     if schedule == "paper-era":  # the first wave's studies
         config.update(
             optimizer="adam",
@@ -93,6 +94,8 @@ def digits_config(arch: str, l1: float | None = None, schedule: str = "default")
             refine_lr=None,
             early_stop_delta=0.02,
             layer_gates=True,
+            free_rate=1.0,
+            compact_below=None,
         )
     return config
 

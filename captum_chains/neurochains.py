@@ -26,7 +26,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +55,9 @@ from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork, weights_digest
 from captum_chains.units.base import ModelStructure
 from captum_chains.units.discovery import discover
+
+if TYPE_CHECKING:  # imported when first used: the export machinery is large
+    from captum_chains.export.compact import CompactProgram
 
 
 class ChainExtractor(Attribution):
@@ -337,7 +340,10 @@ class ChainExtractor(Attribution):
         """Extract K chains, one per region, in one batched optimization.
 
         Parameters not listed here are as in :meth:`attribute`. The K chains equal those of
-        K separate :meth:`attribute` calls up to floating-point rounding.
+        K separate :meth:`attribute` calls up to floating-point rounding. With compact steps
+        (``ChainConfig.compact_below``, the default) the regions run one after another,
+        each on its own compact copy of the model (their live filters differ); with
+        ``compact_below=None`` every step runs the K regions in one batch.
 
         Parameters
         ----------
@@ -379,14 +385,24 @@ class ChainExtractor(Attribution):
                 raise ValueError("give a target for every region or for none")
             targets = torch.cat([format_target(t, n, structure.num_classes) for t in target])
             targets = targets.to(batch[0].device)
-        # per-example extra arguments (first dimension B) go with every region's inputs
-        extra = repeat_additional_args(
-            format_additional_args(additional_forward_args), n, len(region_items)
-        )
-        run = _Optimization(
-            self.model, structure, self.config, batch, extra, len(region_items), targets
-        )
-        chains = run.run(progress=progress)
+        if self.config.compact_below is not None and len(region_items) > 1:
+            extra = format_additional_args(additional_forward_args)
+            chains = []
+            for r, items in enumerate(region_items):
+                region_targets = None if targets is None else targets[r * n : (r + 1) * n]
+                run = _Optimization(
+                    self.model, structure, self.config, items, extra, 1, region_targets
+                )
+                chains += run.run(progress=progress)
+        else:
+            # per-example extra arguments (first dimension B) go with every region's inputs
+            extra = repeat_additional_args(
+                format_additional_args(additional_forward_args), n, len(region_items)
+            )
+            run = _Optimization(
+                self.model, structure, self.config, batch, extra, len(region_items), targets
+            )
+            chains = run.run(progress=progress)
         if keep_inputs:
             for chain, items in zip(chains, region_items):
                 chain.inputs = items[0].detach()
@@ -424,6 +440,10 @@ def _set_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     for p, g in zip(params, grads):
         p.grad = torch.zeros_like(p) if g is None else g
+
+
+#: A compact program is rebuilt once its live filters shrink below this fraction of it.
+_RECOMPACT = 0.7
 
 
 def _path_lambdas(l1: Sequence[float] | None, points: int, default: float) -> list[float]:
@@ -512,6 +532,7 @@ class _Optimization:
         self.start = time.perf_counter()
         self.histories: list[list[dict[str, Any]]] = [[] for _ in range(regions)]
         self.digest = weights_digest(model)  # once per run, shared by its chains
+        self.compact_failed = False
 
     # -- mask views ---------------------------------------------------------
     def _state(
@@ -543,13 +564,18 @@ class _Optimization:
         gates: torch.Tensor | None,
         hard: bool = False,
         sample: bool = False,
+        program: CompactProgram | None = None,
     ) -> torch.Tensor:
         """KL per region of the scored network; on a random subset of each region when
-        ``sample`` and ``batch_size`` ask for one (an optimization step)."""
-        self._state(scores, gates, state, hard)
+        ``sample`` and ``batch_size`` ask for one (an optimization step). With a compact
+        ``program`` (one region) the step runs on it instead of the masked model."""
         inputs, extra, log_p, targets = self._step_inputs() if sample else self._whole()
         with self._autocast():
-            logits = self._run_model(inputs, extra)
+            if program is None:
+                self._state(scores, gates, state, hard)
+                logits = self._run_model(inputs, extra)
+            else:
+                logits = program(scores[0], *inputs)
         return kl_divergence(log_p, logits.float(), self.k, targets)
 
     def _whole(self) -> tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor, Any]:
@@ -754,7 +780,12 @@ class _Optimization:
         if cfg.optimizer == "adam":
             return torch.optim.Adam([scores, alphas] if use_gates else [scores], lr=cfg.lr)
         groups: list[dict[str, Any]] = [
-            {"params": [scores], "l1": self.l1_weight, "nonnegative": True}
+            {
+                "params": [scores],
+                "l1": self.l1_weight,
+                "nonnegative": True,
+                "free_rate": cfg.free_rate,
+            }
         ]
         if use_gates:
             groups.append({"params": [alphas], "l1": 0.0, "nonnegative": False})
@@ -800,10 +831,14 @@ class _Optimization:
         )
         active = torch.ones(self.k, dtype=torch.bool, device=self.device)
         recent: list[torch.Tensor] = []
+        program: CompactProgram | None = None
         bar = tqdm(range(steps), desc=desc, disable=not progress, leave=False)
         for step in bar:
+            if program is None:  # from the first compact step on the gates stay as they are
+                gates_open = self._gates_open(alphas, use_gates)
+            program = self._compaction(state, scores, gates_open, program)
             gates = torch.sigmoid(alphas / cfg.temperature) if use_gates else None
-            kl = self._forward_kl(state, scores, gates, sample=True)
+            kl = self._forward_kl(state, scores, gates, sample=True, program=program)
             _check_finite(kl, step)
             l1 = l1_penalty(scores)
             gp = (
@@ -814,7 +849,9 @@ class _Optimization:
             loss = kl + self.l1_weight * l1 + self.gate_weight * gp
             # the proximal step applies the l1 term itself: differentiate the smooth part
             smooth = kl + self.gate_weight * gp if proximal else loss
-            _set_gradients(smooth.sum(), params)
+            _set_gradients(smooth.sum(), params if program is None else [scores])
+            if program is not None:
+                alphas.grad = None  # the gates are fixed in the compact program
             frozen = (~active).nonzero().flatten()
             before = [p.detach()[frozen].clone() for p in params] if len(frozen) else None
             optimizer.step()
@@ -822,10 +859,14 @@ class _Optimization:
             with torch.no_grad():
                 scores.clamp_(min=0)
                 _keep_removed(scores, alphas, support, closed_gates, _alpha_at_threshold(cfg))
+                if program is not None:  # filters outside the program stay removed
+                    scores[0, ~program.support.to(scores.device)] = 0
                 if before is not None:
                     for p, b in zip(params, before):
                         p[frozen] = b
-            means = self._log("optimize", step, loss, kl, l1, gp, scores, alphas, use_gates, active)
+            means = self._log(
+                "optimize", step, loss, kl, l1, gp, scores, alphas, use_gates, active, program
+            )
             if progress:
                 bar.set_postfix(
                     kl=f"{means['kl']:.4f}",
@@ -841,6 +882,13 @@ class _Optimization:
         bar.close()
         return optimizer
 
+    def _gates_open(self, alphas: torch.Tensor, use_gates: bool) -> torch.Tensor:
+        """Bool ``[K, G]``: the gates at or above the threshold."""
+        if not use_gates:
+            return torch.ones_like(alphas, dtype=torch.bool)
+        cfg = self.config
+        return torch.sigmoid(alphas.detach() / cfg.temperature) >= cfg.gate_threshold
+
     def threshold(
         self, scores: torch.Tensor, alphas: torch.Tensor, use_gates: bool
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -852,12 +900,60 @@ class _Optimization:
         soft = torch.sigmoid(alphas / cfg.temperature) if use_gates else torch.ones_like(alphas)
         gates_open = soft >= cfg.gate_threshold
         final = torch.where(scores >= cfg.score_threshold, scores, torch.zeros_like(scores))
+        final[self._inside_closed(gates_open)] = 0
+        return final, gates_open, soft
+
+    def _inside_closed(self, gates_open: torch.Tensor) -> torch.Tensor:
+        """Bool ``[K, U]``: the units inside a closed gate of each region."""
+        inside = torch.zeros(self.k, self.structure.total_units, dtype=torch.bool)
+        inside = inside.to(gates_open.device)
         for i, gate in enumerate(self.structure.gates):
             closed = ~gates_open[:, i]
             for unit in gate.units:
                 a, b = self.offsets[unit]
-                final[closed, a:b] = 0
-        return final, gates_open, soft
+                inside[closed, a:b] = True
+        return inside
+
+    # -- compact steps ------------------------------------------------------
+    def _compaction(
+        self,
+        state: MaskState,
+        scores: torch.Tensor,
+        gates_open: torch.Tensor,
+        current: CompactProgram | None,
+    ) -> CompactProgram | None:
+        """The compact program the next step runs on (``ChainConfig.compact_below``):
+        ``current``, a new one once the non-zero scores are few enough, or ``None`` (a step
+        on the whole model). Only the scores count, not the gates: they close in the first
+        steps and may reopen, while the scores reach zero only once sorted."""
+        below = self.config.compact_below
+        if below is None or self.k != 1 or self.extra or self.compact_failed:
+            return current
+        with torch.no_grad():
+            nonzero = scores.detach() > 0
+            live = nonzero & ~self._inside_closed(gates_open)
+        limit = below * live.shape[1] if current is None else _RECOMPACT * current.filters
+        if int(nonzero.sum()) > limit:
+            return current
+        from captum_chains.export.compact import compact_program
+
+        example = tuple(t[:2] for t in self.batch)
+        try:
+            program = compact_program(self.model, self.structure, live[0], gates_open[0], example)
+            with torch.no_grad():
+                self._state(scores.detach(), self._hard_gates(gates_open), state, hard=True)
+                expected = self._run_model(example)
+            program.check(scores[0].detach(), example, expected)
+        except Exception as err:  # the export's surgery raises many kinds on unusual models
+            self.compact_failed = True
+            warnings.warn(
+                f"compact steps are not available for this model ({type(err).__name__}: "
+                f"{err}); every step runs on the whole model (ChainConfig(compact_below=None) "
+                "turns compact steps off)",
+                stacklevel=4,
+            )
+            return current
+        return program
 
     def _hard_gates(self, gates_open: torch.Tensor) -> torch.Tensor | None:
         if gates_open.shape[1] == 0:
@@ -893,10 +989,11 @@ class _Optimization:
         scores = final.clone().requires_grad_(True)
         optimizer = torch.optim.Adam([scores], lr=cfg.finetune_lr)
         hard = self._hard_gates(gates_open)
+        program = self._compaction(state, final, gates_open, None) if cfg.finetune_steps else None
         bar = tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress, leave=False)
         zeros = torch.zeros_like(final[:, :0])
         for step in bar:
-            kl = self._forward_kl(state, scores, hard, hard=True, sample=True)
+            kl = self._forward_kl(state, scores, hard, hard=True, sample=True, program=program)
             _set_gradients(kl.sum(), [scores])
             assert scores.grad is not None
             scores.grad.mul_(keep)
@@ -905,7 +1002,17 @@ class _Optimization:
                 scores.clamp_(min=0)
                 scores.copy_(torch.where(keep, scores, final))
             means = self._log(
-                "finetune", step, kl, kl, zeros.sum(1), zeros.sum(1), scores, None, False, needs
+                "finetune",
+                step,
+                kl,
+                kl,
+                zeros.sum(1),
+                zeros.sum(1),
+                scores,
+                None,
+                False,
+                needs,
+                program,
             )
             if progress:
                 bar.set_postfix(kl=f"{means['kl']:.4f}")
@@ -925,9 +1032,14 @@ class _Optimization:
         alphas: torch.Tensor | None,
         use_gates: bool,
         active: torch.Tensor,
+        program: CompactProgram | None = None,
     ) -> dict[str, float]:
         """Append each active region's step to its history; return the means over regions
-        of ``kl``, ``l1``, ``gate_penalty`` and ``kept`` (for the progress bar)."""
+        of ``kl``, ``l1``, ``gate_penalty`` and ``kept`` (for the progress bar).
+
+        ``computed`` in a row: the filters the step computed (all, or a compact program's).
+        """
+        computed = self.structure.total_units if program is None else program.filters
         cfg = self.config
         with torch.no_grad():
             kept = (scores >= cfg.score_threshold).sum(1).tolist()
@@ -951,6 +1063,7 @@ class _Optimization:
                         "gate_penalty": g,
                         "kept": kp,
                         "open_gates": og,
+                        "computed": computed,
                         "time": now,
                     }
                 )

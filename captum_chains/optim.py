@@ -17,6 +17,14 @@ Adam's rate of about ``lr`` per step, including the marginal ones whose smooth g
 nearly balances lambda, which a metric built from ``g`` alone would slow down. A fixed
 point of the iteration is a stationary point of Eq. 8 (the proximal-gradient optimality
 condition), whatever the metric.
+
+**Free scores fall faster** (``free_rate``). At Adam's rate a score needs ~180 steps to fall
+from 1 to tau, although most scores are held by nothing: their smoothed KL gradient ``m_hat``
+does not push back against lambda. A group's ``free_rate`` multiplies the step size of
+exactly those entries (``m_hat > -lambda / 2``), in the gradient and in the proximal step
+alike, so each iteration is still a proximal-gradient step (with a per-entry step size) and
+the fixed points are unchanged; the entries the KL holds keep the rate ``lr``, at which the
+needed filters are sorted from the others.
 """
 
 from __future__ import annotations
@@ -26,6 +34,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
+
+#: An entry is free (moves at ``free_rate * lr``) while ``m_hat > -FREE_MARGIN * l1``.
+FREE_MARGIN = 0.5
 
 
 def soft_threshold(z: torch.Tensor, threshold: torch.Tensor | float) -> torch.Tensor:
@@ -64,6 +75,9 @@ class ProximalAdam(torch.optim.Optimizer):
         Default lambda of the groups.
     nonnegative : bool
         Default constraint of the groups.
+    free_rate : float
+        Default step-size multiplier of the entries nothing holds (``m_hat > -l1 / 2``) in
+        groups with ``l1 > 0``; 1: every entry at ``lr`` (see module doc).
 
     Notes
     -----
@@ -79,12 +93,22 @@ class ProximalAdam(torch.optim.Optimizer):
         eps: float = 1e-8,
         l1: float = 0.0,
         nonnegative: bool = False,
+        free_rate: float = 1.0,
     ) -> None:
         if not lr > 0:
             raise ValueError(f"ProximalAdam needs lr > 0, got {lr}")
         if not (math.isfinite(l1) and l1 >= 0):
             raise ValueError(f"ProximalAdam needs a finite l1 >= 0, got {l1}")
-        defaults = {"lr": lr, "betas": betas, "eps": eps, "l1": l1, "nonnegative": nonnegative}
+        if not (math.isfinite(free_rate) and free_rate >= 1):
+            raise ValueError(f"ProximalAdam needs a finite free_rate >= 1, got {free_rate}")
+        defaults = {
+            "lr": lr,
+            "betas": betas,
+            "eps": eps,
+            "l1": l1,
+            "nonnegative": nonnegative,
+            "free_rate": free_rate,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -115,9 +139,14 @@ class ProximalAdam(torch.optim.Optimizer):
                 v.mul_(beta2).addcmul_(whole, whole, value=1 - beta2)
                 m_hat = m / (1 - beta1**t)
                 metric = (v / (1 - beta2**t)).sqrt().add_(eps)
-                z = p - lr * m_hat / metric
+                rate: torch.Tensor | float = lr
+                if l1 > 0 and group.get("free_rate", 1.0) != 1.0:
+                    free = m_hat > -l1 * FREE_MARGIN
+                    fast = m_hat.new_tensor(lr * group["free_rate"])  # in p's dtype
+                    rate = torch.where(free, fast, m_hat.new_tensor(lr))
+                z = p - rate * m_hat / metric
                 if l1 > 0 or group["nonnegative"]:
-                    threshold = lr * l1 / metric
+                    threshold = rate * l1 / metric
                     prox = nonnegative_soft_threshold if group["nonnegative"] else soft_threshold
                     z = prox(z, threshold)
                 p.copy_(z)

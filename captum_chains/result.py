@@ -44,7 +44,9 @@ class Chain:
     history : list of dict
         One row per optimization step: ``phase`` ("optimize" or "finetune"), ``step``,
         ``loss``, ``kl``, ``l1``, ``gate_penalty``, ``kept`` (units with score >= tau),
-        ``open_gates`` and ``time`` (seconds since the start).
+        ``open_gates``, ``computed`` (filters the step computed: all of them, or those of
+        a compact step, see ``ChainConfig.compact_below``) and ``time`` (seconds since the
+        start).
     structure : ModelStructure
         The model's units and gates.
     config : ChainConfig

@@ -704,3 +704,24 @@ def test_inputs_per_step_sets_the_stochastic_batch(
         main([a if a != "2" else "0" for a in argv])
     assert info.value.code == 2
     assert "--inputs-per-step" in capsys.readouterr().err
+
+
+def test_free_rate_and_no_compact_reach_the_config(
+    work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = work / "chain_rates"
+    argv = [
+        "extract", "--model", "digits_vgg", "--weights", str(work / "vgg.pt"),
+        "--images", str(work / "images"), "--out", str(out), "--steps", "6",
+        "--finetune-steps", "0", "--free-rate", "2.5", "--no-compact", "--device", "cpu",
+        "--quiet",
+    ]  # fmt: skip
+    code, _, err = _main(argv, capsys)
+    assert code == 0, err
+    saved = json.dumps(json.loads((out / "chain.json").read_text()))
+    assert '"free_rate": 2.5' in saved
+    assert '"compact_below": null' in saved
+    with pytest.raises(SystemExit) as info:
+        main([a if a != "2.5" else "0.5" for a in argv])
+    assert info.value.code == 2
+    assert "--free-rate" in capsys.readouterr().err

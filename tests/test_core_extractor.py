@@ -121,10 +121,13 @@ def test_a_target_changes_the_objective_to_the_target_class(monkeypatch):
     assert all(t is None for t in seen)
 
 
-def test_attribute_many_equals_separate_runs():
+@pytest.mark.parametrize("compact_below", [None, 0.5])
+def test_attribute_many_equals_separate_runs(compact_below):
+    """Batched (``compact_below=None``) or one region after another (compact steps)."""
     model = make_model("residual", 4, 5, depth=2)
     regions = [make_inputs(4, seed=s) for s in (10, 11, 12)]
     config = ChainConfig(
+        compact_below=compact_below,
         steps=30,
         finetune_steps=5,
         l1=0.03,

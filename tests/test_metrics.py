@@ -312,6 +312,8 @@ def test_faithfulness_subset_and_too_few_units():
     one = make_sub(model, torch.tensor([1.0, 0, 0, 0]), torch.tensor([0.5, 0, 0, 0]))
     tiny = faithfulness(one, x)
     assert len(tiny.table) == 2 and math.isnan(tiny.pearson)
+    nothing = faithfulness(make_sub(model, torch.zeros(4), torch.zeros(4)), x)
+    assert len(nothing.table) == 0 and math.isnan(nothing.pearson)  # a chain of no filter
     with pytest.raises(ValueError, match="max_units"):
         faithfulness(sub, x, max_units=0)
 

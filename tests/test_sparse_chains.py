@@ -59,6 +59,36 @@ def test_a_proximal_adam_step_equals_the_closed_form(values, grads, l1, lr):
     np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-9, atol=1e-12)
 
 
+@given(
+    st.lists(st.floats(0, 2, width=32), min_size=1, max_size=12),
+    st.lists(st.floats(-1, 1, width=32), min_size=12, max_size=12),
+    st.floats(1e-3, 0.5),
+    st.floats(1e-3, 0.2),
+    st.floats(1, 8),
+)
+def test_a_free_rate_step_equals_the_closed_form(values, grads, l1, lr, rate):
+    """Entries nothing holds (``m_hat > -l1 / 2``) step at ``rate * lr`` in the gradient
+    and the proximal step, the others at ``lr``; the same prox with a per-entry step."""
+    p = torch.tensor(values, dtype=torch.float64, requires_grad=True)
+    g = torch.tensor(grads[: len(values)], dtype=torch.float64)
+    optimizer = ProximalAdam([p], lr=lr, l1=l1, nonnegative=True, free_rate=rate)
+    p.grad = g.clone()
+    optimizer.step()
+    s, gn = np.array(values, dtype=np.float64), g.numpy()
+    metric = np.abs(gn + l1) + 1e-8
+    eta = np.where(gn > -l1 / 2, lr * rate, lr)
+    expected = np.maximum(s - eta * gn / metric - eta * l1 / metric, 0.0)
+    np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("bad", [0.5, float("inf")])
+def test_free_rate_must_be_at_least_one(bad):
+    with pytest.raises(ValueError, match="free_rate"):
+        ProximalAdam([torch.zeros(2, requires_grad=True)], l1=0.1, free_rate=bad)
+    with pytest.raises(ValueError, match=r"free_rate|finite"):
+        ChainConfig(free_rate=bad)
+
+
 def test_proximal_adam_sets_scores_exactly_to_zero_and_keeps_them_there():
     """With no smooth gradient, every score shrinks by lr per step and then sits at 0."""
     p = torch.ones(5, requires_grad=True)

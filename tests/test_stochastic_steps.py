@@ -57,7 +57,8 @@ def test_each_step_runs_on_batch_size_distinct_inputs_of_each_region(size, seed)
     torch.manual_seed(seed)
     logged = BatchLog(make_model("plain", width=4, seed=seed)).eval()
     regions = [make_inputs(n=6, size=8, seed=10 * seed + r) for r in range(2)]
-    config = ChainConfig(**FAST, batch_size=size, sample_seed=seed)
+    # compact_below=None: the regions run batched, each step on 2 * size inputs
+    config = ChainConfig(**FAST, batch_size=size, sample_seed=seed, compact_below=None)
     ChainExtractor(logged, config).attribute_many(regions, progress=False)
     rows = {r: {tuple(x.flatten().tolist()) for x in region} for r, region in enumerate(regions)}
     assert logged.calls and all(len(c) == 2 * size for c in logged.calls)

@@ -168,7 +168,8 @@ def _config(args: argparse.Namespace) -> ChainConfig:
     from captum_chains.config import ChainConfig
 
     overrides: dict[str, Any] = {}
-    for name in ("steps", "finetune_steps", "l1", "gate_penalty", "lr", "inputs_per_step"):
+    names = ("steps", "finetune_steps", "l1", "gate_penalty", "lr", "inputs_per_step", "free_rate")
+    for name in names:
         value = getattr(args, name, None)
         if value is not None:
             overrides["batch_size" if name == "inputs_per_step" else name] = value
@@ -176,6 +177,8 @@ def _config(args: argparse.Namespace) -> ChainConfig:
         overrides["use_gates"] = False
     if args.compile:
         overrides["compile"] = True
+    if getattr(args, "no_compact", False):
+        overrides["compact_below"] = None
     base = ChainConfig.paper() if getattr(args, "paper", False) else ChainConfig()
     return base.replace(**overrides)
 

@@ -56,6 +56,14 @@ def _positive(text: str) -> float:
     return value
 
 
+def _at_least_one(text: str) -> float:
+    """A finite number >= 1."""
+    value = _finite(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number >= 1, got {text!r}")
+    return value
+
+
 def _fraction(text: str) -> float:
     """A number in [0, 1]."""
     value = _finite(text)
@@ -141,6 +149,18 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         help="fine-tuning steps when the thresholded KL exceeds 0.1 (default 50; 0: none)",
     )
     group.add_argument("--lr", type=_positive, help="learning rate of the scores (default 0.005)")
+    group.add_argument(
+        "--free-rate",
+        type=_at_least_one,
+        help="step-size multiplier of the scores nothing holds (ChainConfig.free_rate; default "
+        "5, 1 with --paper)",
+    )
+    group.add_argument(
+        "--no-compact",
+        action="store_true",
+        help="every step on the whole model (ChainConfig(compact_below=None)); by default the "
+        "steps run on a copy holding only the live filters once at most half remain",
+    )
     group.add_argument(
         "--inputs-per-step",
         type=_count,
@@ -323,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="the README's demo: EfficientNet-Lite0 on real photos",
         description="Extract the chain of the real ImageNet EfficientNet-Lite0 on random crops "
-        "of scikit-image's chelsea and coffee photos (about 10 minutes on 2 CPU cores).",
+        "of scikit-image's chelsea and coffee photos (about 5 minutes on a CPU core).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--n-crops", type=_count, default=20, help="crops in the region (default 20)")

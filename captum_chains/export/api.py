@@ -285,8 +285,8 @@ def check_model(structure: ModelStructure, model: nn.Module) -> None:
         )
 
 
-def _build(analysis: Analysis) -> ExportedSubNetwork:
-    builder = Builder(analysis)
+def _build(analysis: Analysis, builder: Builder | None = None) -> ExportedSubNetwork:
+    builder = Builder(analysis) if builder is None else builder
     for node in analysis.nodes:
         if not analysis.exists[node]:
             continue

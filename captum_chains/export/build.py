@@ -25,10 +25,20 @@ class Builder:
         Qualified name -> module or tensor referenced by the new graph.
     env : dict
         Traced node -> (new node, layout of the new node's output).
+    fold_scores : bool
+        Fold scores into the layer before their site where possible (the export); ``False``
+        keeps every score site as a :class:`~captum_chains.export.runtime.ChannelScale`
+        module and records it in ``score_sites`` (compact optimization steps set the
+        scales themselves).
+    score_sites : dict
+        Traced score node -> (name of its ``ChannelScale`` module, layout of its channels),
+        filled when ``fold_scores`` is false.
     """
 
-    def __init__(self, analysis: Analysis) -> None:
+    def __init__(self, analysis: Analysis, fold_scores: bool = True) -> None:
         self.analysis = analysis
+        self.fold_scores = fold_scores
+        self.score_sites: dict[fx.Node, tuple[str, torch.Tensor]] = {}
         self.graph = fx.Graph()
         self.root: dict[str, Any] = {}
         self.env: dict[fx.Node, tuple[fx.Node, Layout]] = {}

@@ -342,7 +342,7 @@ class ScaleRule(Rule):
         layout = analysis.layout[node]
         factor = self._factor(analysis, node).to(torch.float32)
         new_x, actual = builder.actual(x)
-        producer = _fold_target(analysis, x)
+        producer = _fold_target(analysis, x) if builder.fold_scores else None
         if producer is not None and actual is not None:
             new_p, actual_p = builder.actual(producer)
             needed = analysis.nd[node]
@@ -360,6 +360,9 @@ class ScaleRule(Rule):
         x_val = builder.value(x, layout)
         module = ChannelScale(take(factor, layout, 0), info.dim, len(shape))
         name = builder.add_module(f"scores.{node.name}", module)
+        if not builder.fold_scores:
+            channels = torch.arange(len(factor)) if layout is None else layout
+            builder.score_sites[node] = (name, channels)
         return builder.set(node, builder.graph.call_module(name, (x_val,)), layout)
 
 

@@ -149,7 +149,7 @@ def faithfulness(
     per_pass = max(1, batch_size // n)
     results: list[torch.Tensor] = []
     tiny = torch.finfo(torch.float64).tiny
-    chunks = list(kept.split(per_pass))
+    chunks = list(kept.split(per_pass)) if len(kept) else []  # split() of nothing is [empty]
     state = MaskState(gates=dict(base.gates))
     with torch.no_grad(), apply_masks(model, structure, state):
         for chunk in tqdm(chunks, desc="faithfulness", disable=not progress, leave=False):
