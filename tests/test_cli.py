@@ -687,41 +687,38 @@ def test_paper_flag_and_fidelity_limits_need_their_option(
     assert "adam" in json.dumps(saved)
 
 
-def test_inputs_per_step_sets_the_stochastic_batch(
-    work: Path, capsys: pytest.CaptureFixture[str]
+@pytest.mark.parametrize(
+    ("options", "saved_as", "bad"),
+    [
+        (["--inputs-per-step", "2"], ['"batch_size": 2'], ("2", "0")),
+        (
+            ["--free-rate", "2.5", "--no-compact"],
+            ['"free_rate": 2.5', '"compact_below": null'],
+            ("2.5", "0.5"),
+        ),
+    ],
+)
+def test_step_options_reach_the_config(
+    work: Path,
+    capsys: pytest.CaptureFixture[str],
+    options: list[str],
+    saved_as: list[str],
+    bad: tuple[str, str],
 ) -> None:
-    out = work / "chain_stochastic"
+    """--inputs-per-step, --free-rate and --no-compact set their ChainConfig fields; a bad
+    value is a usage error naming the option."""
+    out = work / f"chain_{options[0].strip('-')}"
     argv = [
         "extract", "--model", "digits_vgg", "--weights", str(work / "vgg.pt"),
         "--images", str(work / "images"), "--out", str(out), "--steps", "6",
-        "--finetune-steps", "0", "--inputs-per-step", "2", "--device", "cpu", "--quiet",
-    ]  # fmt: skip
-    code, _, err = _main(argv, capsys)
-    assert code == 0, err
-    saved = json.loads((out / "chain.json").read_text())
-    assert '"batch_size": 2' in json.dumps(saved)
-    with pytest.raises(SystemExit) as info:
-        main([a if a != "2" else "0" for a in argv])
-    assert info.value.code == 2
-    assert "--inputs-per-step" in capsys.readouterr().err
-
-
-def test_free_rate_and_no_compact_reach_the_config(
-    work: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    out = work / "chain_rates"
-    argv = [
-        "extract", "--model", "digits_vgg", "--weights", str(work / "vgg.pt"),
-        "--images", str(work / "images"), "--out", str(out), "--steps", "6",
-        "--finetune-steps", "0", "--free-rate", "2.5", "--no-compact", "--device", "cpu",
-        "--quiet",
+        "--finetune-steps", "0", *options, "--device", "cpu", "--quiet",
     ]  # fmt: skip
     code, _, err = _main(argv, capsys)
     assert code == 0, err
     saved = json.dumps(json.loads((out / "chain.json").read_text()))
-    assert '"free_rate": 2.5' in saved
-    assert '"compact_below": null' in saved
+    for fragment in saved_as:
+        assert fragment in saved
     with pytest.raises(SystemExit) as info:
-        main([a if a != "2.5" else "0.5" for a in argv])
+        main([bad[1] if a == bad[0] else a for a in argv])
     assert info.value.code == 2
-    assert "--free-rate" in capsys.readouterr().err
+    assert options[0] in capsys.readouterr().err

@@ -183,3 +183,37 @@ def test_compact_below_must_be_a_fraction(bad):
 def test_the_paper_preset_runs_every_step_on_the_whole_model():
     assert ChainConfig.paper().compact_below is None
     assert ChainConfig().compact_below == 0.5
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:efficientnet_b0", "timm:vit"],
+)
+def test_compact_programs_of_library_models_compute_the_masked_model(name):
+    """Real architectures (random weights): residual, inverted residual with SE blocks, ViT."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    source, arch = name.split(":")
+    if arch == "vit":
+        model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8)
+    elif source == "timm":
+        model = timm.create_model(arch)
+    else:
+        model = getattr(torchvision.models, arch)()
+    model.eval()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    structure = discover(model, (x[:1],))
+    g = torch.Generator().manual_seed(0)
+    support = torch.rand(structure.total_units, generator=g) < 0.8
+    scores = (0.5 + torch.rand(structure.total_units, generator=g)) * support
+    gates_open = torch.ones(len(structure.gates), dtype=torch.bool)
+    gates_open[: len(gates_open) // 3] = False
+    program = compact_program(model, structure, support, gates_open, (x[:2],))
+    with torch.no_grad():
+        want = _masked_logits(model, structure, scores, gates_open, x)
+        got = program(scores, x)
+    assert float(want.std()) > 0  # the check is not between two constants
+    scale = float(want.abs().max())
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import sys
 import types
+import warnings
 
 import matplotlib
 import numpy as np
@@ -410,6 +411,29 @@ def test_compare_on_the_full_network_gives_identical_maps_and_rank_correlation_o
         assert torch.allclose(res.original[name], res.subnetwork[name], atol=1e-6)
         assert res.rank_correlation[name] == [pytest.approx(1.0)] * 2
     assert "IntegratedGradients" in res.table()
+
+
+def test_compare_table_says_n_a_where_every_rho_is_undefined():
+    """A sparse chain can leave a method's map constant on every input (rho is NaN): the
+    table and the figure's title say so instead of warning about an empty mean."""
+    from captum_chains.visualization.compare import Comparison, _mean_text
+
+    empty = torch.zeros(0)
+    res = Comparison(
+        methods=["LayerGradCam", "Saliency"],
+        targets=empty,
+        original={},
+        subnetwork={},
+        signs={},
+        neurochains=empty,
+        rank_correlation={"LayerGradCam": [float("nan")] * 2, "Saliency": [0.5, float("nan")]},
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lines = res.table().splitlines()
+        assert _mean_text(res.rank_correlation["LayerGradCam"]) == "n/a"
+    assert "n/a" in lines[1] and "constant" in lines[1]
+    assert lines[2].split()[1:] == ["0.500", "0.500", "0.500"]
 
 
 def test_compare_subnetwork_attributions_equal_captum_on_the_subnetwork_module(plain):

@@ -121,7 +121,9 @@ fig  # noqa: B018 (displays the figure in a notebook)
 # rho close to 1 means the method finds the same evidence in the sub-network as in the
 # model: the chain kept what the method looks at. A low rho with a low KL means the
 # sub-network reaches the same output *by different internal evidence*, which is worth
-# knowing before trusting either explanation.
+# knowing before trusting either explanation. `n/a` means the method's map on the
+# sub-network is constant on every input (e.g. Grad-CAM on a layer where the small chain
+# keeps little that varies), where rho is undefined.
 
 # %%
 print(result.table())

@@ -27,7 +27,7 @@
 # region of 4 crops** with the default settings (at most 360 steps at lr 0.005, with
 # exact proximal zeros, gates on residual blocks, free scores at 5x the rate and compact
 # steps once half the filters are gone). The README's demo, `captum-chains
-# demo` or `python -m captum_chains.demo`, runs the same settings on 20 crops (about 5
+# demo` or `python -m captum_chains.demo`, runs the same settings on 20 crops (about 6
 # minutes on a CPU core).
 # ```
 

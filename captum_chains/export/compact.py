@@ -141,4 +141,5 @@ def compact_program(
         module = program.get_submodule(name)
         assert isinstance(module, ChannelScale)
         sites.append(_Site(module, index.to(device), valid.to(device)))
+    program.requires_grad_(False)  # a private copy: gradients go to the scores only
     return CompactProgram(program.to(device), sites, support)

@@ -77,12 +77,27 @@ class Comparison:
     layer: str | None = None
 
     def table(self) -> str:
-        """Mean (min-max) rank correlation per method, one line each."""
+        """Mean (min-max) rank correlation per method, one line each; ``n/a`` where every
+        input's rho is undefined (a constant map, e.g. all zero on the sub-network)."""
         lines = ["method                  mean rho   min     max"]
         for m in self.methods:
-            r = np.asarray(self.rank_correlation[m], dtype=float)
-            lines.append(f"{m:<22}  {np.nanmean(r):7.3f}  {np.nanmin(r):6.3f}  {np.nanmax(r):6.3f}")
+            r = _defined(self.rank_correlation[m])
+            if r.size == 0:
+                lines.append(f"{m:<22}  {'n/a':>7}  {'n/a':>6}  {'n/a':>6}  (constant maps)")
+                continue
+            lines.append(f"{m:<22}  {r.mean():7.3f}  {r.min():6.3f}  {r.max():6.3f}")
         return "\n".join(lines)
+
+
+def _defined(values: Sequence[float]) -> np.ndarray:
+    """The finite rank correlations (rho is NaN for an input whose map is constant)."""
+    r = np.asarray(values, dtype=float)
+    return r[np.isfinite(r)]
+
+
+def _mean_text(values: Sequence[float]) -> str:
+    r = _defined(values)
+    return f"{r.mean():.2f}" if r.size else "n/a"
 
 
 def _signed(attr: torch.Tensor, sign: str) -> torch.Tensor:
@@ -359,7 +374,7 @@ def compare(
             "NeuroChains\nSMOE (sub-net)",
         )
     means = ", ".join(
-        f"{SHORT_NAMES.get(m, m)} {np.nanmean(result.rank_correlation[m]):.2f}" for m in names
+        f"{SHORT_NAMES.get(m, m)} {_mean_text(result.rank_correlation[m])}" for m in names
     )
     fig.suptitle(f"Captum on the model vs on the chain's sub-network — mean ρ: {means}", fontsize=9)
     fig.tight_layout()
