@@ -108,11 +108,12 @@ class ChainConfig:
         at most this fraction of all filters, the optimization and fine-tuning steps run on
         a copy of the model that computes only those filters
         (:func:`~captum_chains.export.compact.compact_program`, the export's channel
-        surgery), rebuilt whenever they shrink by another 30 %. A step then costs about
-        the fraction of filters left. From the first compact step on, the gates keep their
-        thresholded state (closed: identity, open: ``G = 1``) and a removed filter stays
-        removed (full steps could revive it). One region per run only (``attribute_many``
-        batches run full steps); models the export cannot handle run full steps with a
+        surgery), rebuilt whenever they shrink by another 30 %. A step's cost falls with the
+        filters left (not in proportion: high-resolution first layers dominate while they
+        keep their filters; docs/defaults.md). From the first compact step on, the gates
+        keep their thresholded state (closed: identity, open: ``G = 1``) and a removed
+        filter stays removed (full steps could revive it). ``attribute_many`` then runs its
+        regions one after another; models the export cannot handle run full steps with a
         warning. ``None``: every step on the whole model (the paper).
     """
 

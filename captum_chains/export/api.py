@@ -145,7 +145,7 @@ def export_subnetwork(
             f"would be kept at full width: {full_width}; register rules for them "
             "(captum_chains.export.register_module_rule) or pass strict=False"
         )
-    exported = _build(analysis)
+    exported = build_exported(analysis)
     exported.to(device)
     report = _report(model, subnetwork, exported, example, checks, full_width, rtol)
     exported.report = report
@@ -285,7 +285,9 @@ def check_model(structure: ModelStructure, model: nn.Module) -> None:
         )
 
 
-def _build(analysis: Analysis, builder: Builder | None = None) -> ExportedSubNetwork:
+def build_exported(analysis: Analysis, builder: Builder | None = None) -> ExportedSubNetwork:
+    """The exported graph module of an analysed recording (``builder``: a custom one, e.g.
+    one that keeps score sites unfolded for compact steps)."""
     builder = Builder(analysis) if builder is None else builder
     for node in analysis.nodes:
         if not analysis.exists[node]:
