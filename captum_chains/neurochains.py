@@ -442,6 +442,28 @@ def _set_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
         p.grad = torch.zeros_like(p) if g is None else g
 
 
+def _warn_if_input_independent(logits: torch.Tensor, regions: int) -> None:
+    """Warn about regions whose thresholded sub-network gives every input the same logits:
+    a layer keeps no filter that varies with the input, so the chain reproduces the model
+    only because the model's outputs barely vary over the region."""
+    per_region = logits.detach().float().view(regions, -1, logits.shape[-1])
+    if per_region.shape[1] < 2:
+        return
+    spread = (per_region - per_region[:, :1]).abs().amax(dim=(1, 2))
+    scale = per_region.abs().amax(dim=(1, 2))
+    constant = (spread <= 1e-5 * scale + 1e-12).nonzero().flatten().tolist()
+    if constant:
+        which = "the region" if regions == 1 else f"regions {constant}"
+        warnings.warn(
+            f"the chain of {which} does not depend on its inputs: the sub-network gives all "
+            f"{per_region.shape[1]} inputs the same logits (no kept filter varies with the "
+            "input). It matches the model only because the model's outputs barely vary over "
+            "the region; use a more varied region (more inputs, several photos) or a smaller "
+            "l1 for a chain that explains the inputs",
+            stacklevel=4,
+        )
+
+
 #: A compact program is rebuilt once its live filters shrink below this fraction of it.
 _RECOMPACT = 0.7
 
@@ -660,11 +682,14 @@ class _Optimization:
     ) -> list[Chain]:
         """Fine-tune thresholded scores whose KL exceeds ``finetune_kl``; build the chains."""
         cfg = self.config
-        kl = self.hard_kl(state, final, gates_open)
+        logits = self.hard_logits(state, final, gates_open)
+        kl = kl_divergence(self.log_p, logits, self.k, self.targets)
         needs = kl > cfg.finetune_kl
         if needs.any() and cfg.finetune_steps > 0:
             final = self._finetune(state, final, gates_open, needs, progress)
-            kl = self.hard_kl(state, final, gates_open)
+            logits = self.hard_logits(state, final, gates_open)
+            kl = kl_divergence(self.log_p, logits, self.k, self.targets)
+        _warn_if_input_independent(logits, self.k)
         return [
             self._chain(r, final[r], gates_open[r], soft[r], float(kl[r]), bool(needs[r]))
             for r in range(self.k)
@@ -968,13 +993,6 @@ class _Optimization:
             self._state(final, self._hard_gates(gates_open), state, hard=True)
             with self._autocast():
                 return self._run_model().float()
-
-    def hard_kl(
-        self, state: MaskState, final: torch.Tensor, gates_open: torch.Tensor
-    ) -> torch.Tensor:
-        """KL of the thresholded network(s), one value per region."""
-        logits = self.hard_logits(state, final, gates_open)
-        return kl_divergence(self.log_p, logits, self.k, self.targets)
 
     def _finetune(
         self,

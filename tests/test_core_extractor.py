@@ -328,3 +328,21 @@ def test_progress_bar_shows_the_loss_terms_without_warnings(capsys):
     bar = capsys.readouterr().err
     for term in ("kl=", "l1=", "gate=", "kept=", "fine-tune"):
         assert term in bar
+
+
+def test_a_chain_that_ignores_its_inputs_is_reported():
+    """A penalty so large that no filter survives leaves a constant sub-network: it can
+    only match the model where the model's outputs barely vary, and the user is told."""
+    model = make_model("plain", width=4, seed=2)
+    x = make_inputs(n=4, size=8, seed=2)
+    with pytest.warns(UserWarning, match="does not depend on its inputs"):
+        empty = ChainExtractor(model, ChainConfig(steps=40, l1=5.0, finetune_steps=0)).attribute(
+            x, progress=False
+        )
+    assert empty.num_filters == 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        kept = ChainExtractor(model, ChainConfig(steps=3, finetune_steps=0)).attribute(
+            x, progress=False
+        )
+    assert kept.num_filters > 0

