@@ -444,8 +444,8 @@ def _set_gradients(loss: torch.Tensor, params: list[torch.Tensor]) -> None:
 
 def _warn_if_input_independent(logits: torch.Tensor, regions: int) -> None:
     """Warn about regions whose thresholded sub-network gives every input the same logits:
-    a layer keeps no filter that varies with the input, so the chain reproduces the model
-    only because the model's outputs barely vary over the region."""
+    a layer keeps no filter that varies with the input, so the chain can reproduce the model
+    at most where the model's outputs barely vary over the region."""
     per_region = logits.detach().float().view(regions, -1, logits.shape[-1])
     if per_region.shape[1] < 2:
         return
@@ -457,9 +457,9 @@ def _warn_if_input_independent(logits: torch.Tensor, regions: int) -> None:
         warnings.warn(
             f"the chain of {which} does not depend on its inputs: the sub-network gives all "
             f"{per_region.shape[1]} inputs the same logits (no kept filter varies with the "
-            "input). It matches the model only because the model's outputs barely vary over "
-            "the region; use a more varied region (more inputs, several photos) or a smaller "
-            "l1 for a chain that explains the inputs",
+            "input), so it cannot explain them and matches the model at most where the "
+            "model's outputs barely vary over the region; use a more varied region (more "
+            "inputs, several photos) or a smaller l1 (or lr) for a chain that explains them",
             stacklevel=4,
         )
 
