@@ -377,14 +377,13 @@ class ChainExtractor(Attribution):
         if seed is not None:
             torch.manual_seed(seed)
         structure = self._structure(region_items[0], additional_forward_args, layers, gates)
-        batch = tuple(torch.cat([r[i] for r in region_items]) for i in range(len(region_items[0])))
         n = region_items[0][0].shape[0]
         targets = None
         if target is not None and any(t is not None for t in target):
             if any(t is None for t in target):
                 raise ValueError("give a target for every region or for none")
             targets = torch.cat([format_target(t, n, structure.num_classes) for t in target])
-            targets = targets.to(batch[0].device)
+            targets = targets.to(region_items[0][0].device)
         if self.config.compact_below is not None and len(region_items) > 1:
             extra = format_additional_args(additional_forward_args)
             chains = []
@@ -395,6 +394,8 @@ class ChainExtractor(Attribution):
                 )
                 chains += run.run(progress=progress)
         else:
+            width = len(region_items[0])
+            batch = tuple(torch.cat([r[i] for r in region_items]) for i in range(width))
             # per-example extra arguments (first dimension B) go with every region's inputs
             extra = repeat_additional_args(
                 format_additional_args(additional_forward_args), n, len(region_items)
@@ -885,7 +886,7 @@ class _Optimization:
                 scores.clamp_(min=0)
                 _keep_removed(scores, alphas, support, closed_gates, _alpha_at_threshold(cfg))
                 if program is not None:  # filters outside the program stay removed
-                    scores[0, ~program.support.to(scores.device)] = 0
+                    scores[0, ~program.support] = 0
                 if before is not None:
                     for p, b in zip(params, before):
                         p[frozen] = b
@@ -954,12 +955,11 @@ class _Optimization:
         below = self.config.compact_below
         if below is None or self.k != 1 or self.extra or self.compact_failed:
             return current
-        with torch.no_grad():
-            nonzero = scores.detach() > 0
-            live = nonzero & ~self._inside_closed(gates_open)
-        limit = below * live.shape[1] if current is None else _RECOMPACT * current.filters
+        nonzero = scores.detach() > 0
+        limit = below * nonzero.shape[1] if current is None else _RECOMPACT * current.filters
         if int(nonzero.sum()) > limit:
             return current
+        live = nonzero & ~self._inside_closed(gates_open)
         from captum_chains.export.compact import compact_program
 
         example = tuple(t[:2] for t in self.batch)

@@ -51,7 +51,7 @@ class CompactProgram(nn.Module):
     sites : list of _Site
         The score sites and the flat score index of each of their channels.
     support : Tensor
-        Bool ``[U]``: the filters the program computes.
+        Bool ``[U]``: the filters the program computes (on the program's device).
     """
 
     def __init__(self, module: fx.GraphModule, sites: list[_Site], support: torch.Tensor) -> None:
@@ -144,4 +144,4 @@ def compact_program(
         assert isinstance(module, ChannelScale)
         sites.append(_Site(module, index.to(device), valid.to(device)))
     program.requires_grad_(False)  # a private copy: gradients go to the scores only
-    return CompactProgram(program.to(device), sites, support)
+    return CompactProgram(program.to(device), sites, support.to(device))
