@@ -35,6 +35,8 @@ def parse_setting(text: str) -> tuple[str, object]:
     value: object
     if raw.lower() in ("none", "null"):
         value = None
+    elif "Literal" in kind:
+        value = raw
     elif "bool" in kind:
         value = raw.lower() in ("1", "true", "yes")
     elif kind.startswith("int"):

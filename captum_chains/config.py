@@ -50,9 +50,13 @@ class ChainConfig:
     free_rate : float
         With the proximal optimizer: step-size multiplier of the scores nothing holds (their
         smoothed KL gradient is above ``-lambda / 2``), so that the filters the region does
-        not need fall to zero in ~40 steps instead of ~180, while the held ones are sorted
-        at ``lr`` (:class:`~captum_chains.optim.ProximalAdam`, docs/defaults.md). 1: every
-        score at ``lr``.
+        not need fall to zero in ~20 steps instead of ~180, while the held ones are sorted
+        at ``lr`` (:class:`~captum_chains.optim.ProximalAdam`, docs/defaults.md). 10 (the
+        default) was the largest rate measured that keeps every measured Lite0 region's
+        fidelity; 15 and 20 remove filters the demo's region needs. A free score never steps
+        more than :data:`~captum_chains.optim.FREE_LR_CAP` (0.05, the default's
+        ``10 * lr``: at least 20 steps from 1 to 0), so a larger ``lr`` gets a smaller
+        multiplier. 1: every score at ``lr``.
     descent_steps, refine_lr : int, float or None
         Two-phase schedule: ``lr`` for ``descent_steps`` steps (all scores fall from 1
         together until the unneeded ones reach zero), then ``refine_lr`` (``None``: ``lr``)
@@ -109,9 +113,10 @@ class ChainConfig:
         a copy of the model that computes only those filters
         (:func:`~captum_chains.export.compact.compact_program`, the export's channel
         surgery), rebuilt whenever they shrink by another 30 %. A step's cost falls with the
-        filters left (not in proportion: high-resolution first layers dominate while they
-        keep their filters; docs/defaults.md). From the first compact step on, the gates
-        keep their thresholded state (closed: identity, open: ``G = 1``) and a removed
+        filters left, not in proportion (high-resolution first layers dominate while they
+        keep their filters): on Lite0 a step with 3,900 of 21,008 filters left costs ~0.5x
+        a full one, with 450 left ~0.09x (docs/defaults.md). From the first compact step on,
+        the gates keep their thresholded state (closed: identity, open: ``G = 1``) and a removed
         filter stays removed (full steps could revive it). ``attribute_many`` then runs its
         regions one after another; models the export cannot handle run full steps with a
         warning. ``None``: every step on the whole model (the paper).
@@ -126,7 +131,7 @@ class ChainConfig:
     optimizer: Literal["proximal", "adam"] = "proximal"
     lr: float = 0.005
     steps: int = 360
-    free_rate: float = 5.0
+    free_rate: float = 10.0
     descent_steps: int = 0
     refine_lr: float | None = None
     early_stop_delta: float = 0.02
@@ -144,7 +149,7 @@ class ChainConfig:
     batch_size: int | None = None
     sample_seed: int = 0
     channels_last: bool | None = None
-    compact_below: float | None = 0.5
+    compact_below: float | None = 0.8
 
     def __post_init__(self) -> None:
         for f in fields(self):

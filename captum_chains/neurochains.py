@@ -49,7 +49,7 @@ from captum_chains._utils.validation import (
 from captum_chains.config import ChainConfig
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.objectives import gate_penalty, kl_divergence, l1_penalty
-from captum_chains.optim import ProximalAdam, two_phase_schedule
+from captum_chains.optim import FREE_LR_CAP, ProximalAdam, two_phase_schedule
 from captum_chains.path import ChainPath, FidelityTarget, PathPoint
 from captum_chains.result import Chain
 from captum_chains.subnetwork import SubNetwork, weights_digest
@@ -811,6 +811,7 @@ class _Optimization:
                 "l1": self.l1_weight,
                 "nonnegative": True,
                 "free_rate": cfg.free_rate,
+                "max_free_lr": FREE_LR_CAP,
             }
         ]
         if use_gates:
@@ -964,7 +965,15 @@ class _Optimization:
 
         example = tuple(t[:2] for t in self.batch)
         try:
-            program = compact_program(self.model, self.structure, live[0], gates_open[0], example)
+            program = compact_program(
+                self.model,
+                self.structure,
+                live[0],
+                gates_open[0],
+                example,
+                # values cached under autocast would be reused outside it
+                cache=self.config.autocast is None,
+            )
             with torch.no_grad():
                 self._state(scores.detach(), self._hard_gates(gates_open), state, hard=True)
                 expected = self._run_model(example)

@@ -118,6 +118,9 @@ def chain_dir(work: Path) -> Path:
                 "chain",
                 "--steps",
                 STEPS,
+                # at the default 10x, the 20 steps would take every free score to zero
+                "--free-rate",
+                "1",
                 "--gate-penalty",
                 "0.05",
                 "--target",
@@ -189,7 +192,7 @@ def test_extract_equals_the_library_call(work: Path, chain_dir: Path) -> None:
     model = _vgg(work)
     region = _region(chain_dir)
     target = model(region).argmax(1).tolist()
-    chain = ChainExtractor(model, steps=int(STEPS), gate_penalty=0.05).attribute(
+    chain = ChainExtractor(model, steps=int(STEPS), gate_penalty=0.05, free_rate=1.0).attribute(
         region, target=target, progress=False, seed=0
     )
     saved = SubNetwork.load(chain_dir / "subnetwork.safetensors", model)
@@ -452,6 +455,7 @@ def test_pickled_module_needs_trust_pickle_everywhere(
     argv = [
         *("extract", "--model", str(work / "vgg_module.pt"), "--images", str(work / "images")),
         *("--out", str(out_dir), "--steps", STEPS, "--gate-penalty", "0.05", "--quiet"),
+        *("--free-rate", "1"),  # as chain_dir
         *("--target", "predicted"),
     ]
     code, _, err = _main(argv, capsys)  # refused without the opt-in: unpickling runs code

@@ -16,6 +16,7 @@ from torch import nn
 from captum_chains import ChainConfig, ChainExtractor
 from captum_chains._utils.model_state import ModelSnapshot
 from captum_chains.export.compact import compact_program
+from captum_chains.export.step_modules import SamePaddedConv, ScaledBatchNorm
 from captum_chains.masking import MaskState, apply_masks
 from captum_chains.units import discover
 
@@ -40,18 +41,20 @@ def _masked_logits(model, structure, scores, gates_open, x):
         return model(x)
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=16, deadline=None)
 @given(
     st.sampled_from(FAMILIES),
     st.integers(0, 50),
     st.floats(0.05, 1.0),
     st.booleans(),
+    st.booleans(),
 )
 def test_the_compact_program_computes_the_masked_model_and_its_gradients(
-    family, seed, keep, close_gates
+    family, seed, keep, close_gates, channels_last
 ):
     """Outputs and score gradients equal the masked model's, for any support, any
-    non-negative scores on it and any closed gates; zero gradient outside the support."""
+    non-negative scores on it and any closed gates, with inputs in either memory layout
+    (steps run channels-last); zero gradient outside the support."""
     model, x = _model(family, seed)
     structure = discover(model, (x[:1],))
     g = torch.Generator().manual_seed(seed)
@@ -67,7 +70,9 @@ def test_the_compact_program_computes_the_masked_model_and_its_gradients(
     s_full = scores.clone().requires_grad_(True)
     want = _masked_logits(model, structure, s_full, gates_open, x)
     s_compact = scores.clone().requires_grad_(True)
-    got = program(s_compact, x)
+    got = program(
+        s_compact, x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    )
     scale = float(want.detach().abs().max()) + 1e-6
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
 
@@ -183,12 +188,18 @@ def test_compact_below_must_be_a_fraction(bad):
 
 def test_the_paper_preset_runs_every_step_on_the_whole_model():
     assert ChainConfig.paper().compact_below is None
-    assert ChainConfig().compact_below == 0.5
+    assert ChainConfig().compact_below == 0.8
 
 
 @pytest.mark.parametrize(
     "name",
-    ["torchvision:resnet18", "torchvision:mobilenet_v3_small", "timm:efficientnet_b0", "timm:vit"],
+    [
+        "torchvision:resnet18",
+        "torchvision:mobilenet_v3_small",
+        "timm:efficientnet_b0",
+        "timm:tf_efficientnet_lite0",
+        "timm:vit",
+    ],
 )
 def test_compact_programs_of_library_models_compute_the_masked_model(name):
     """Real architectures (random weights): residual, inverted residual with SE blocks, ViT."""
@@ -215,6 +226,14 @@ def test_compact_programs_of_library_models_compute_the_masked_model(name):
     with torch.no_grad():
         want = _masked_logits(model, structure, scores, gates_open, x)
         got = program(scores, x)
+        got_channels_last = program(scores, x.contiguous(memory_format=torch.channels_last))
     assert float(want.std()) > 0  # the check is not between two constants
     scale = float(want.abs().max())
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5 * scale)
+    torch.testing.assert_close(got_channels_last, want, rtol=1e-4, atol=1e-5 * scale)
+    # the CNNs' score sites after BatchNorms run folded into them
+    folded = any(isinstance(m, ScaledBatchNorm) for m in program.modules())
+    assert folded == (arch != "vit")
+    # TensorFlow-"same" strided convolutions run without their padded copy
+    same = any(isinstance(m, SamePaddedConv) for m in program.modules())
+    assert same == arch.startswith("tf_")

@@ -65,18 +65,21 @@ def test_a_proximal_adam_step_equals_the_closed_form(values, grads, l1, lr):
     st.floats(1e-3, 0.5),
     st.floats(1e-3, 0.2),
     st.floats(1, 8),
+    st.one_of(st.none(), st.floats(1e-3, 0.5)),
 )
-def test_a_free_rate_step_equals_the_closed_form(values, grads, l1, lr, rate):
-    """Entries nothing holds (``m_hat > -l1 / 2``) step at ``rate * lr`` in the gradient
-    and the proximal step, the others at ``lr``; the same prox with a per-entry step."""
+def test_a_free_rate_step_equals_the_closed_form(values, grads, l1, lr, rate, cap):
+    """Entries nothing holds (``m_hat > -l1 / 2``) step at ``rate * lr`` (capped at
+    ``max_free_lr``, never below ``lr``) in the gradient and the proximal step, the others
+    at ``lr``; the same prox with a per-entry step."""
     p = torch.tensor(values, dtype=torch.float64, requires_grad=True)
     g = torch.tensor(grads[: len(values)], dtype=torch.float64)
-    optimizer = ProximalAdam([p], lr=lr, l1=l1, nonnegative=True, free_rate=rate)
+    optimizer = ProximalAdam([p], lr=lr, l1=l1, nonnegative=True, free_rate=rate, max_free_lr=cap)
     p.grad = g.clone()
     optimizer.step()
     s, gn = np.array(values, dtype=np.float64), g.numpy()
     metric = np.abs(gn + l1) + 1e-8
-    eta = np.where(gn > -l1 / 2, lr * rate, lr)
+    fast = lr * rate if cap is None else max(lr, min(lr * rate, cap))
+    eta = np.where(gn > -l1 / 2, fast, lr)
     expected = np.maximum(s - eta * gn / metric - eta * l1 / metric, 0.0)
     np.testing.assert_allclose(p.detach().numpy(), expected, rtol=1e-9, atol=1e-12)
 
@@ -85,6 +88,8 @@ def test_a_free_rate_step_equals_the_closed_form(values, grads, l1, lr, rate):
 def test_free_rate_must_be_at_least_one(bad):
     with pytest.raises(ValueError, match="free_rate"):
         ProximalAdam([torch.zeros(2, requires_grad=True)], l1=0.1, free_rate=bad)
+    with pytest.raises(ValueError, match="max_free_lr"):
+        ProximalAdam([torch.zeros(2, requires_grad=True)], l1=0.1, max_free_lr=-bad)
     with pytest.raises(ValueError, match=r"free_rate|finite"):
         ChainConfig(free_rate=bad)
 

@@ -56,7 +56,7 @@ def tiny_regions(k: int = 3, n: int = 4) -> list[Region]:
     return [Region(f"reg{i}", data(10 + i, n), torch.tensor([i % 3] * n)) for i in range(k)]
 
 
-# free_rate 1: six steps at lr 0.05 keep some filters of the tiny model (5x would remove all)
+# free_rate 1: six steps at lr 0.05 keep some filters of the tiny model (10x would remove all)
 CONFIG = {"steps": 6, "lr": 0.05, "finetune_steps": 2, "gate_penalty": 0.05, "free_rate": 1.0}
 KW = {"config": CONFIG, "ks": (1, 3), "pgd_steps": 2, "epsilon": 0.2, "progress": False}
 

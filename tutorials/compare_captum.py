@@ -73,8 +73,8 @@ for p in probs:
 # ## Extract the chain (a quick run)
 #
 # The defaults: at most 360 steps at lr 0.005 with proximal updates (removed scores
-# are exactly zero; the scores nothing holds fall at 5x the rate), the family's penalties,
-# gates on residual blocks, steps on a compact copy of the live filters once half are gone,
+# are exactly zero; the scores nothing holds fall at 10x the rate), the family's penalties,
+# gates on residual blocks, steps on a compact copy of the live filters once a fifth are gone,
 # fine-tuning when the thresholded KL exceeds 0.1 (`ChainConfig.paper()` is the paper's exact
 # schedule).
 

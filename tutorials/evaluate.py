@@ -59,7 +59,7 @@ model = train_digits_model("vgg")
 # confidence >= 0.95. We draw one region of 2 x 10 training images and keep the test
 # split as *unseen* data. On these tiny models the paper's penalties remove everything,
 # so we use a gate penalty of 0.05 and l1 = 0.05 (see docs/metrics.md, "Digits studies"),
-# and 80 steps with lr = 0.02 for every score (`free_rate=1`: at 5x that rate these scores
+# and 80 steps with lr = 0.02 for every score (`free_rate=1`: at 10x that rate these scores
 # would all reach zero within ten steps).
 
 # %%

@@ -25,9 +25,9 @@
 # ```{note}
 # So that the documentation builds in a few minutes on a CPU, this page uses a **small
 # region of 4 crops** with the default settings (at most 360 steps at lr 0.005, with
-# exact proximal zeros, gates on residual blocks, free scores at 5x the rate and compact
-# steps once half the filters are gone). The README's demo, `captum-chains
-# demo` or `python -m captum_chains.demo`, runs the same settings on 20 crops (about 6
+# exact proximal zeros, gates on residual blocks, free scores at 10x the rate and compact
+# steps once a fifth of the filters are gone). The README's demo, `captum-chains
+# demo` or `python -m captum_chains.demo`, runs the same settings on 20 crops (about 3
 # minutes on a CPU core).
 # ```
 

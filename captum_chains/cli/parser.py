@@ -343,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="the README's demo: EfficientNet-Lite0 on real photos",
         description="Extract the chain of the real ImageNet EfficientNet-Lite0 on random crops "
-        "of scikit-image's chelsea and coffee photos (about 6 minutes on a CPU core).",
+        "of scikit-image's chelsea and coffee photos (about 3 minutes on a CPU core).",
     )
     p.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
     p.add_argument("--n-crops", type=_count, default=20, help="crops in the region (default 20)")
