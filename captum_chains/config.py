@@ -114,8 +114,8 @@ class ChainConfig:
         (:func:`~captum_chains.export.compact.compact_program`, the export's channel
         surgery), rebuilt whenever they shrink by another 30 %. A step's cost falls with the
         filters left, not in proportion (high-resolution first layers dominate while they
-        keep their filters): on Lite0 a step with 3,900 of 21,008 filters left costs ~0.5x
-        a full one, with 450 left ~0.09x (docs/defaults.md). From the first compact step on,
+        keep their filters): on Lite0 a step with 3,900 of 21,008 filters left costs ~0.4x
+        a full one, with 450 left ~0.1x (docs/defaults.md). From the first compact step on,
         the gates keep their thresholded state (closed: identity, open: ``G = 1``) and a removed
         filter stays removed (full steps could revive it). ``attribute_many`` then runs its
         regions one after another; models the export cannot handle run full steps with a
