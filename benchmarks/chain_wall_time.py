@@ -11,6 +11,7 @@ each chain's size and fidelity on the region.
 
     OMP_NUM_THREADS=1 python benchmarks/chain_wall_time.py
     OMP_NUM_THREADS=1 python benchmarks/chain_wall_time.py --set compact_below=none
+    OMP_NUM_THREADS=1 python benchmarks/chain_wall_time.py --candidate-first
 
 Rows go to ``benchmarks/results/chain_wall_time.jsonl``.
 """
@@ -41,6 +42,9 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], help="candidate change")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument(
+        "--candidate-first", action="store_true", help="run the candidate before the baseline"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = load_efficientnet_lite0()
@@ -48,7 +52,8 @@ def main() -> None:
     changes = dict(parse_setting(s) for s in args.set)
     configs = {"candidate": ChainConfig(**changes)}
     if not args.skip_baseline:
-        configs = {"baseline": ChainConfig(**BASELINE), **configs}
+        baseline = {"baseline": ChainConfig(**BASELINE)}
+        configs = {**configs, **baseline} if args.candidate_first else {**baseline, **configs}
     seconds: dict[str, list[float]] = {name: [] for name in configs}
     for _ in range(args.rounds):
         for name, config in configs.items():

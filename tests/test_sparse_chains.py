@@ -13,7 +13,12 @@ from torch import nn
 
 from captum_chains import ChainConfig, ChainExtractor
 from captum_chains._utils.model_state import ModelSnapshot
-from captum_chains.optim import ProximalAdam, nonnegative_soft_threshold, soft_threshold
+from captum_chains.optim import (
+    FREE_LR_CAP,
+    ProximalAdam,
+    nonnegative_soft_threshold,
+    soft_threshold,
+)
 from captum_chains.path import FidelityTarget
 
 floats = st.floats(-5, 5, allow_nan=False, width=32)
@@ -342,3 +347,18 @@ def test_paper_preset_fields():
     assert paper.layer_gates and paper.descent_steps == 0 and paper.refine_lr is None
     assert ChainConfig.paper(steps=10).steps == 10
     assert ChainConfig().alpha_init == 0.0 and not ChainConfig().layer_gates
+
+
+def test_a_free_score_never_steps_more_than_the_cap():
+    """At ``lr=0.05`` the default ``free_rate=10`` would step 0.5 and zero every free score in
+    two steps; the cap (``FREE_LR_CAP`` = 0.05) keeps each step at 0.05, so after two steps
+    every score is still about 0.9 (the first Adam steps move a score by about its step
+    size)."""
+    model = make_model("plain", width=4, seed=0)
+    x = make_inputs(n=3, size=8, seed=0)
+    config = ChainConfig(lr=0.05, steps=2, finetune_steps=0, use_gates=False)
+    assert config.free_rate * config.lr >= 10 * FREE_LR_CAP  # uncapped: 0.5 a step
+    chain = ChainExtractor(model, config).attribute(x, progress=False)
+    scores = torch.cat([s.flatten() for s in chain.importance.values()])
+    assert float(scores.min()) >= 0.89
+    assert float(scores.max()) <= 1.0

@@ -86,8 +86,8 @@ class ScaledBatchNorm(nn.Module):
     Parameters
     ----------
     norm : nn.BatchNorm1d/2d/3d
-        An eval-mode BatchNorm with running statistics (copied by reference: the program
-        owns it).
+        An eval-mode BatchNorm with running statistics; its statistics and affine
+        parameters are copied (an absent affine is the identity).
     """
 
     running_mean: torch.Tensor
