@@ -153,13 +153,13 @@ def _config_args(parser: argparse.ArgumentParser) -> None:
         "--free-rate",
         type=_at_least_one,
         help="step-size multiplier of the scores nothing holds (ChainConfig.free_rate; default "
-        "5, 1 with --paper)",
+        "10, a step of at most 0.05; 1 with --paper)",
     )
     group.add_argument(
         "--no-compact",
         action="store_true",
         help="every step on the whole model (ChainConfig(compact_below=None)); by default the "
-        "steps run on a copy holding only the live filters once at most half remain",
+        "steps run on a copy holding only the live filters once at most 80%% remain",
     )
     group.add_argument(
         "--inputs-per-step",
