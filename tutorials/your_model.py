@@ -219,7 +219,11 @@ print("a zero score removes exactly that filter:", torch.equal(masked, by_hand))
 #
 # A local region: ten test images of one digit that the model classifies correctly. The
 # paper's gate penalty closes every gate of such a tiny network, so we use a smaller one
-# (`gate_penalty=0.05`, see {doc}`../neurochains`).
+# (`gate_penalty=0.05`, see {doc}`../neurochains`). The weight-standardized convolutions
+# compute their weights in `forward`, which the export's channel surgery treats as opaque,
+# so the steps cannot run on a compact copy of the live filters (the default would say so
+# in a warning and run every step on the whole model): `compact_below=None` asks for that
+# directly.
 
 # %%
 from captum_chains._utils.model_state import ModelSnapshot
@@ -228,7 +232,9 @@ with torch.no_grad():
     correct = model(data.x_test).argmax(1) == data.y_test
 region = data.x_test[(data.y_test == 3) & correct][:10]
 snapshot = ModelSnapshot.take(model)
-chain = ChainExtractor(model, gate_penalty=0.05).attribute(region, progress=False, seed=0)
+chain = ChainExtractor(model, gate_penalty=0.05, compact_below=None).attribute(
+    region, progress=False, seed=0
+)
 snapshot.assert_unchanged(model)  # weights, buffers, hooks, modes: untouched
 print(chain.summary())
 
