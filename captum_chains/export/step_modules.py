@@ -30,6 +30,7 @@ program that does not depend on the scores (computed once per run instead of at 
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 import torch.nn.functional as F
@@ -236,6 +237,7 @@ def speed_up(gm: fx.GraphModule, site_names: list[str]) -> dict[str, ScaledBatch
             gm.add_submodule(node.target, SamePaddedConv(module))
     folded: dict[str, ScaledBatchNorm] = {}
     wanted = set(site_names)
+    calls = Counter(n.target for n in gm.graph.nodes if n.op == "call_module")
     for site in list(gm.graph.nodes):
         if site.op != "call_module" or site.target not in wanted:
             continue
@@ -247,8 +249,7 @@ def speed_up(gm: fx.GraphModule, site_names: list[str]) -> dict[str, ScaledBatch
         assert isinstance(norm, _NORMS) and norm.running_mean is not None
         assert isinstance(site.target, str) and isinstance(norm_node.target, str)
         channels = norm.running_mean.numel()
-        shared = sum(n.op == "call_module" and n.target == norm_node.target for n in gm.graph.nodes)
-        if shared != 1 or scale.scale.ndim < 2 or scale.scale.shape[1] != channels:
+        if calls[norm_node.target] != 1 or scale.scale.ndim < 2 or scale.scale.shape[1] != channels:
             continue  # the norm is called twice, or the site scales another dimension
         scaled = ScaledBatchNorm(norm)
         gm.add_submodule(norm_node.target, scaled)
