@@ -52,7 +52,9 @@ def test_the_gather_equals_the_adapter_and_keeps_the_layout(
         assert got.is_contiguous(memory_format=torch.channels_last)
     (grad_want,) = torch.autograd.grad((want * weights).sum(), xa)
     (grad_got,) = torch.autograd.grad((got * weights).sum(), xg)
-    torch.testing.assert_close(grad_got, grad_want, rtol=1e-6, atol=1e-6)
+    # the input gradient sums every output that reads a channel (up to 40 here): the matrix
+    # product and index_add add them in different orders, so float32 rounding differs
+    torch.testing.assert_close(grad_got, grad_want, rtol=1e-5, atol=1e-5)
 
 
 def test_the_gather_falls_back_to_the_adapter_above_its_channel_limit():
